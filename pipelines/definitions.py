@@ -1,0 +1,44 @@
+"""The one place that wires assets, resources, the IO manager, jobs and sensors."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from assets.activations import activations
+from assets.prompts import prompts
+from pipelines import paths
+from pipelines.io_manager import ParquetIOManager
+from pipelines.partitions import studies
+from pipelines.resources import StudyResource
+from pipelines.sensors import registry_sensor_for
+
+ASSETS = [prompts, activations]
+
+study_job = dg.define_asset_job("study", selection=dg.AssetSelection.assets(*ASSETS), partitions_def=studies)
+
+
+def build_definitions(
+    registry_path: str | None = None,
+    warehouse_root: str | None = None,
+    cache_dir: str | None = None,
+    device: str = "auto",
+) -> dg.Definitions:
+    """Definitions over the given registry and folders (defaults from `pipelines.paths`)."""
+    warehouse = warehouse_root or str(paths.warehouse_root())
+    return dg.Definitions(
+        assets=ASSETS,
+        jobs=[study_job],
+        sensors=[registry_sensor_for(study_job)],
+        resources={
+            "study": StudyResource(
+                registry_path=registry_path or str(paths.registry_path()),
+                cache_dir=cache_dir or str(paths.cache_dir()),
+                warehouse_root=warehouse,
+                device=device,
+            ),
+            "io_manager": ParquetIOManager(root=warehouse),
+        },
+    )
+
+
+defs = build_definitions()

@@ -1,0 +1,94 @@
+"""The Parquet IO manager: publishes spooled tables atomically under <root>/<asset>/model=<study>/ with lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import dagster as dg
+import pyarrow as pa
+
+from refusal_core.lineage import LineageRecord
+from refusal_core.tables import LINEAGE, Spool, read_parquet, write_parquet
+
+PREVIEW_ROWS = 5
+
+
+class ParquetIOManager(dg.ConfigurableIOManager):
+    """Writes each partition of an asset to one Parquet file and a row of the lineage table.
+
+    Assets hand over a `Spool` (rows already staged and hashed); this manager streams it into
+    `<root>/<asset>/model=<study>/data.parquet` through a temporary file and a rename, with the
+    lineage record as the file's key-value metadata, then deletes the spool.
+    """
+
+    root: str
+
+    def path_for(self, asset: str, study: str) -> Path:
+        return Path(self.root) / asset / f"model={study}" / "data.parquet"
+
+    def handle_output(self, context: dg.OutputContext, obj: Spool) -> None:
+        if not isinstance(obj, Spool):
+            raise TypeError(f"Asset {context.asset_key.to_user_string()} must return a Spool, not {type(obj).__name__}.")
+        asset = context.asset_key.path[-1]
+        study = context.partition_key
+        path = self.path_for(asset, study)
+        record = LineageRecord(
+            artifact=asset, partition=study, path=str(path), content_sha256=obj.sha256,
+            row_count=obj.row_count, run_id=context.run_id, **obj.lineage,
+        )
+        try:
+            write_parquet(path, obj.schema, obj.batches(), record.file_metadata())
+        finally:
+            obj.path.unlink(missing_ok=True)
+        lineage_path = Path(self.root) / "lineage" / f"model={study}" / f"{asset}.parquet"
+        write_parquet(lineage_path, LINEAGE, record.table().to_batches(), {})
+        context.add_output_metadata(
+            {
+                "path": dg.MetadataValue.path(str(path)),
+                "dagster/row_count": obj.row_count,
+                "content_sha256": obj.sha256,
+                "model_sha256": record.model_sha256 or "n/a",
+                "code_version": record.code_version,
+                "upstream": dg.MetadataValue.json(json.loads(record.upstream)),
+                "dagster/column_schema": column_schema(obj.schema),
+                "preview": dg.MetadataValue.md(_preview(path)),
+            }
+        )
+
+    def load_input(self, context: dg.InputContext) -> pa.Table:
+        asset = context.asset_key.path[-1]
+        return read_parquet(self.path_for(asset, context.partition_key))
+
+
+def column_schema(schema: pa.Schema) -> dg.TableSchema:
+    """Dagster's column schema, derived from the pyarrow schema and its field descriptions."""
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(
+                name=field.name,
+                type=str(field.type),
+                description=(field.metadata or {}).get(b"description", b"").decode(),
+                constraints=dg.TableColumnConstraints(nullable=field.nullable),
+            )
+            for field in schema
+        ]
+    )
+
+
+def _preview(path: Path) -> str:
+    """The first rows as a Markdown table, long values cut short."""
+    import pyarrow.parquet as pq
+
+    head = next(pq.ParquetFile(str(path)).iter_batches(batch_size=PREVIEW_ROWS), None)
+    if head is None:
+        return "(empty)"
+    columns = head.schema.names
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in head.to_pylist():
+        cells = []
+        for name in columns:
+            text = str(row[name]).replace("|", "\\|").replace("\n", " ")
+            cells.append(text if len(text) <= 60 else text[:57] + "...")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

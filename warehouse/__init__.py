@@ -1,0 +1,1 @@
+"""DuckDB views and queries over the Parquet warehouse."""

@@ -1,0 +1,66 @@
+"""Open the warehouse as a read-only DuckDB connection with one view per table."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib.resources import files
+from pathlib import Path
+
+import duckdb
+
+from refusal_core.tables import ACTIVATIONS, LINEAGE, PROMPTS
+
+SCHEMAS = {"prompts": PROMPTS, "activations": ACTIVATIONS, "lineage": LINEAGE}
+"""Every table of the warehouse; a view over a table with no file yet is empty but has its columns."""
+
+_ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+_VIEW = re.compile(r"CREATE VIEW (\w+) AS\s+(.*?);", re.S)
+
+
+@contextmanager
+def connect(root: Path) -> Iterator[ReadOnlyWarehouse]:
+    """A DuckDB connection over the Parquet files under `root`, accepting only queries."""
+    connection = duckdb.connect()
+    try:
+        views = dict(_VIEW.findall(files("warehouse").joinpath("views.sql").read_text()))
+        missing = set(SCHEMAS) - set(views)
+        assert not missing, f"views.sql lacks views for {missing}"
+        for name, body in views.items():
+            folder = root / name
+            if any(folder.glob("model=*/*.parquet")):
+                connection.execute(f"CREATE VIEW {name} AS " + body.replace("{root}", root.as_posix()))
+            else:
+                connection.register(name, SCHEMAS[name].empty_table())
+        yield ReadOnlyWarehouse(connection)
+    finally:
+        connection.close()
+
+
+class ReadOnlyWarehouse:
+    """Runs SELECT (and EXPLAIN) statements only, so a query cannot change the warehouse."""
+
+    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+        self._connection = connection
+
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        statements = self._connection.extract_statements(query)
+        if len(statements) != 1:
+            raise ValueError(f"Give exactly one SQL statement, not {len(statements)}.")
+        if statements[0].type not in _ALLOWED:
+            raise ValueError(
+                f"The warehouse is read-only: {statements[0].type.name} statements are refused; use SELECT "
+                "(and --out FILE to save a result)."
+            )
+        return self._connection.sql(query)
+
+
+def write_result(relation: duckdb.DuckDBPyRelation, path: Path) -> None:
+    """Save a query result as CSV or Parquet, by the file's suffix."""
+    if path.suffix == ".csv":
+        relation.write_csv(str(path))
+    elif path.suffix == ".parquet":
+        relation.write_parquet(str(path))
+    else:
+        raise ValueError(f"Cannot write {path.name}: use a .csv or .parquet file name.")

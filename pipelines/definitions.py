@@ -28,7 +28,7 @@ def build_definitions(
     return dg.Definitions(
         assets=ASSETS,
         jobs=[study_job],
-        sensors=[registry_sensor_for(study_job)],
+        sensors=[registry_sensor_for(study_job.name)],
         resources={
             "study": StudyResource(
                 registry_path=registry_path or str(paths.registry_path()),

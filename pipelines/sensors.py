@@ -9,15 +9,15 @@ from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 
 
-def registry_sensor_for(job: dg.UnresolvedAssetJobDefinition) -> dg.SensorDefinition:
-    """Add a partition for every registry entry; launch `job` for entries that appear after the first tick.
+def registry_sensor_for(job_name: str) -> dg.SensorDefinition:
+    """Add a partition for every registry entry; launch job `job_name` for entries that appear after the first tick.
 
     On its first tick the sensor only registers what is already in the registry, so turning it on
     does not start every study at once; an entry added later is registered and run. Studies that
     need the hub (network = true) are registered but not launched.
     """
 
-    @dg.sensor(job=job, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
+    @dg.sensor(job_name=job_name, minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
     def study_registry(context: dg.SensorEvaluationContext, study: StudyResource) -> dg.SensorResult:
         registry = study.registry()
         known = set(context.instance.get_dynamic_partitions(studies.name))

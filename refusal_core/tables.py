@@ -155,6 +155,7 @@ def write_parquet(
         with pq.ParquetWriter(str(temporary), schema, compression="zstd") as writer:
             for batch in batches:
                 writer.write_batch(batch.replace_schema_metadata(schema.metadata))
+        os.chmod(temporary, 0o644)  # mkstemp creates files readable by their owner only.
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -1,0 +1,59 @@
+"""Shared fixtures: offline hub, fixed seeds, tiny saved models and a registry pointing at them."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tiny import save_tiny_model
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random qwen2, gemma2 and llama chat models saved with save_pretrained."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {family: save_tiny_model(root / family, family) for family in ("qwen2", "gemma2", "llama")}
+
+
+def write_registry(path: Path, entries: dict[str, str], default: str) -> Path:
+    """Write a studies TOML with the given raw entry bodies (TOML text after the [studies."key"] header)."""
+    parts = [f'default = "{default}"']
+    for key, body in entries.items():
+        parts.append(f'[studies."{key}"]\n{body}')
+    path.write_text("\n\n".join(parts) + "\n")
+    return path
+
+
+SMALL_SETTINGS = """
+[studies."{key}".settings]
+batch_size = 4
+max_prompts_per_label = 6
+jailbreak_base_prompts = 2
+"""
+
+
+def local_entry(key: str, folder: Path) -> str:
+    """Registry body for a local-folder study with small settings."""
+    return f'[studies."{key}".weights]\nkind = "local"\npath = "{folder}"\n' + SMALL_SETTINGS.format(key=key)
+
+
+@pytest.fixture
+def tiny_registry(tmp_path: Path, tiny_models: dict[str, Path]) -> Path:
+    """A registry with a tiny qwen2 study (the default) and a tiny gemma2 study."""
+    entries = {"tiny-qwen2": local_entry("tiny-qwen2", tiny_models["qwen2"]),
+               "tiny-gemma2": local_entry("tiny-gemma2", tiny_models["gemma2"])}
+    return write_registry(tmp_path / "studies.toml", entries, "tiny-qwen2")

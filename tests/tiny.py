@@ -1,0 +1,70 @@
+"""Tiny random chat models, built and saved locally, for fast offline tests."""
+
+from __future__ import annotations
+
+import json
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on this package's own prompts, with a Qwen-style chat template."""
+    corpus = []
+    for name in ("harmless.jsonl", "over_refusal.jsonl"):
+        text = (files("refusal_core") / "data" / name).read_text()
+        corpus += [json.loads(line)["text"] for line in text.splitlines()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def config_for(family: str, vocab_size: int, **overrides):
+    """A 3-layer config of the given family (qwen2, gemma2 or llama), width 64."""
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        eos_token_id=2, pad_token_id=0, bos_token_id=0, tie_word_embeddings=False,
+    )
+    if family == "qwen2":
+        return Qwen2Config(**{**common, **overrides})
+    if family == "gemma2":
+        return Gemma2Config(**{**common, "head_dim": 16, "sliding_window": 16, **overrides})
+    if family == "llama":
+        return LlamaConfig(**{**common, **overrides})
+    raise ValueError(f"Unknown family {family!r}; use qwen2, gemma2 or llama.")
+
+
+def save_tiny_model(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:
+    """Build a random tiny chat model of `family` with its tokenizer and save both in `folder` (safetensors)."""
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config_for(family, len(tokenizer)))
+    # Larger random weights than the default init make the residual stream differ visibly per layer.
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.2)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    return folder

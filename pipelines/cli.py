@@ -49,8 +49,7 @@ def _run(args: argparse.Namespace) -> int:
     if not result.success:
         for event in result.all_events:
             if event.is_step_failure:
-                print(f"refusal-sae: step {event.step_key} failed: {event.event_specific_data.error.message.strip()}",
-                      file=sys.stderr)
+                print(f"refusal-sae: step {event.step_key} failed: {failure_message(event)}", file=sys.stderr)
         return 1
     root = paths.warehouse_root()
     print(f"\nStudy {key!r} done in {time.perf_counter() - started:.0f} s.")
@@ -83,6 +82,14 @@ def _sql(args: argparse.Namespace) -> int:
         else:
             relation.show(max_width=200, max_rows=100)
     return 0
+
+
+def failure_message(event) -> str:
+    """The user's error behind a Dagster step failure, without Dagster's wrapping."""
+    error = event.event_specific_data.error
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
 
 
 def _local_instance():

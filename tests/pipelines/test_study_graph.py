@@ -1,0 +1,96 @@
+import json
+
+import dagster as dg
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.cli import failure_message
+from pipelines.definitions import ASSETS, build_definitions, study_job
+from pipelines.partitions import studies
+from refusal_core.tables import file_metadata
+
+
+@pytest.fixture
+def warehouse(tmp_path):
+    return tmp_path / "warehouse"
+
+
+def _materialize(registry, warehouse, key, instance):
+    defs = build_definitions(str(registry), str(warehouse), str(warehouse.parent / "cache"), "cpu")
+    if not instance.has_dynamic_partition(studies.name, key):
+        instance.add_dynamic_partitions(studies.name, [key])
+    return defs.resolve_job_def(study_job.name).execute_in_process(partition_key=key, instance=instance)
+
+
+def test_definitions_load():
+    defs = build_definitions()
+    assert {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} == {
+        a.key.to_user_string() for a in ASSETS}
+    assert defs.resolve_job_def("study") is not None
+
+
+@pytest.mark.parametrize("key", ["tiny-qwen2", "tiny-gemma2"])
+def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, warehouse, key):
+    with dg.instance_for_test() as instance:
+        result = _materialize(tiny_registry, warehouse, key, instance)
+        assert result.success
+        prompts = pq.read_table(warehouse / "prompts" / f"model={key}" / "data.parquet")
+        activations = pq.read_table(warehouse / "activations" / f"model={key}" / "data.parquet")
+        assert set(prompts["model_key"].to_pylist()) == {key}
+        positions = sorted(set(activations["position"].to_pylist()))
+        assert positions == list(range(-len(positions), 0)) and len(positions) >= 3
+        # 6 train/val prompts for each of 3 labels, at 3 layers and every post-instruction position.
+        assert activations.num_rows == 3 * 6 * 3 * len(positions)
+        assert set(activations["prompt_id"].to_pylist()) <= set(prompts["prompt_id"].to_pylist())
+        assert activations.schema.field("activation").type.list_size == 64
+        metadata = file_metadata(warehouse / "activations" / f"model={key}" / "data.parquet")
+        lineage = pq.read_table(warehouse / "lineage" / f"model={key}" / "activations.parquet").to_pylist()[0]
+        assert lineage["content_sha256"] == metadata["refusal_sae.content_sha256"]
+        assert json.loads(lineage["upstream"]) == {"prompts": file_metadata(
+            warehouse / "prompts" / f"model={key}" / "data.parquet")["refusal_sae.content_sha256"]}
+        assert lineage["model_source"].startswith("local:") and len(lineage["model_sha256"]) == 64
+        assert lineage["run_id"] == result.run_id
+        event = instance.get_latest_materialization_event(dg.AssetKey("activations"))
+        assert event.asset_materialization.tags["dagster/data_version"] == lineage["content_sha256"]
+        assert event.asset_materialization.metadata["dagster/row_count"].value == activations.num_rows
+        assert not list((warehouse / ".staging").iterdir())
+
+
+def test_rematerializing_unchanged_inputs_gives_the_same_data_version_and_bytes(tiny_registry, warehouse):
+    with dg.instance_for_test() as instance:
+        _materialize(tiny_registry, warehouse, "tiny-qwen2", instance)
+        path = warehouse / "activations" / "model=tiny-qwen2" / "data.parquet"
+        first_bytes = path.read_bytes()
+        first = instance.get_latest_materialization_event(dg.AssetKey("activations")).asset_materialization
+        _materialize(tiny_registry, warehouse, "tiny-qwen2", instance)
+        second = instance.get_latest_materialization_event(dg.AssetKey("activations")).asset_materialization
+        assert second.tags["dagster/data_version"] == first.tags["dagster/data_version"]
+        assert path.read_bytes() == first_bytes
+
+
+def test_layer_out_of_range_fails_the_step_and_writes_nothing(tiny_registry, warehouse):
+    text = tiny_registry.read_text().replace("batch_size = 4", "batch_size = 4\nlayers = [0, 7]", 1)
+    tiny_registry.write_text(text)
+    with dg.instance_for_test() as instance:
+        defs = build_definitions(str(tiny_registry), str(warehouse), str(warehouse.parent / "cache"), "cpu")
+        instance.add_dynamic_partitions(studies.name, ["tiny-qwen2"])
+        result = defs.resolve_job_def(study_job.name).execute_in_process(
+            partition_key="tiny-qwen2", instance=instance, raise_on_error=False)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.is_step_failure)
+        assert failure_message(failure) == "ValueError: Layer 7 is out of range: this model has layers 0 to 2."
+        assert not (warehouse / "activations").exists()
+
+
+def test_sensor_registers_every_study_and_launches_only_later_ones(tiny_registry, warehouse):
+    defs = build_definitions(str(tiny_registry), str(warehouse), str(warehouse.parent / "cache"), "cpu")
+    sensor = defs.resolve_sensor_def("study_registry")
+    with dg.instance_for_test() as instance:
+        first = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        assert first.run_requests == []
+        assert set(first.dynamic_partitions_requests[0].partition_keys) == {"tiny-qwen2", "tiny-gemma2"}
+        instance.add_dynamic_partitions(studies.name, ["tiny-qwen2", "tiny-gemma2"])
+        tiny_registry.write_text(tiny_registry.read_text() + '\n[studies."tiny-new".weights]\nkind = "local"\npath = "."\n')
+        later = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=defs.resources))
+        assert [r.partition_key for r in later.run_requests] == ["tiny-new"]
+        assert later.dynamic_partitions_requests[0].partition_keys == ["tiny-new"]

@@ -1,0 +1,37 @@
+import pytest
+
+from pipelines.cli import main
+from warehouse.query import connect
+
+
+def test_views_are_empty_but_typed_before_anything_is_materialized(tmp_path):
+    with connect(tmp_path) as warehouse:
+        assert warehouse.sql("SELECT count(*) FROM prompts").fetchall() == [(0,)]
+        assert "activation" in warehouse.sql("SELECT * FROM activations").columns
+
+
+def test_queries_cannot_change_the_warehouse(tmp_path):
+    with connect(tmp_path) as warehouse:
+        for statement in ("COPY prompts TO 'x.csv'", "CREATE TABLE t AS SELECT 1", "INSTALL httpfs"):
+            with pytest.raises(ValueError, match="The warehouse is read-only"):
+                warehouse.sql(statement)
+        with pytest.raises(ValueError, match="exactly one SQL statement"):
+            warehouse.sql("SELECT 1; SELECT 2")
+
+
+def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypatch, capsys):
+    import dagster as dg
+
+    from tests.pipelines.test_study_graph import _materialize
+
+    warehouse = tmp_path / "warehouse"
+    with dg.instance_for_test() as instance:
+        assert _materialize(tiny_registry, warehouse, "tiny-qwen2", instance).success
+    monkeypatch.setenv("REFUSAL_SAE_WAREHOUSE", str(warehouse))
+    assert main(["sql", "SELECT model, label, count(*) AS n FROM prompts GROUP BY ALL ORDER BY ALL"]) == 0
+    printed = capsys.readouterr().out
+    assert "tiny-qwen2" in printed and "over_refusal" in printed
+    out = tmp_path / "layers.csv"
+    assert main(["sql", "SELECT DISTINCT layer_index FROM activations ORDER BY 1", "--out", str(out)]) == 0
+    assert out.read_text().split() == ["layer_index", "0", "1", "2"]
+    assert main(["sql", "DROP VIEW prompts"]) == 2

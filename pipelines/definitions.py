@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from assets.activations import activations
@@ -11,6 +13,10 @@ from pipelines.io_manager import ParquetIOManager
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from pipelines.sensors import registry_sensor_for
+
+# Output(data_version=...) is how each table's content hash becomes its data version; Dagster marks
+# that parameter beta, and the warning on every materialization says nothing a user can act on.
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*data_version.*")
 
 ASSETS = [prompts, activations]
 

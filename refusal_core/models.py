@@ -107,7 +107,8 @@ def load_model(study: Study, cache_dir: Path, device: str = "auto") -> LoadedMod
             )
         )
         sha = _folder_sha256(folder)
-        source = f"hub:{weights.repo_id}@{weights.revision}"
+        # The snapshot folder is named by the commit the revision resolved to: record that, not a branch.
+        source = f"hub:{weights.repo_id}@{folder.name}"
     else:  # pragma: no cover - the registry's discriminated union admits nothing else.
         raise TypeError(f"Unsupported weights {weights!r}.")
     model = AutoModelForCausalLM.from_pretrained(

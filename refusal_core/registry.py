@@ -17,7 +17,9 @@ class _Strict(BaseModel):
 class HubWeights(_Strict):
     kind: Literal["hub"] = Field(description="Weights from the Hugging Face hub (or its local cache).")
     repo_id: str = Field(description="Hub repository, e.g. google/gemma-2-2b-it.")
-    revision: str = Field(description="Pinned commit or tag; never a moving branch in a shared registry.")
+    revision: str = Field(
+        description="Commit (best), tag or branch. Lineage always records the commit actually loaded."
+    )
 
 
 class LocalWeights(_Strict):

@@ -24,9 +24,9 @@ def seeded() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random qwen2, gemma2 and llama chat models saved with save_pretrained."""
+    """Tiny random qwen2, gemma2, gemma3 and llama chat models saved with save_pretrained."""
     root = tmp_path_factory.mktemp("tiny")
-    return {family: save_tiny_model(root / family, family) for family in ("qwen2", "gemma2", "llama")}
+    return {family: save_tiny_model(root / family, family) for family in ("qwen2", "gemma2", "gemma3", "llama")}
 
 
 def write_registry(path: Path, entries: dict[str, str], default: str) -> Path:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -38,7 +45,7 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
 
 def config_for(family: str, vocab_size: int, **overrides):
-    """A 3-layer config of the given family (qwen2, gemma2 or llama), width 64."""
+    """A 3-layer config of the given family (qwen2, gemma2, gemma3 or llama), width 64."""
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -48,9 +55,11 @@ def config_for(family: str, vocab_size: int, **overrides):
         return Qwen2Config(**{**common, **overrides})
     if family == "gemma2":
         return Gemma2Config(**{**common, "head_dim": 16, "sliding_window": 16, **overrides})
+    if family == "gemma3":
+        return Gemma3TextConfig(**{**common, "head_dim": 16, "sliding_window": 16, **overrides})
     if family == "llama":
         return LlamaConfig(**{**common, **overrides})
-    raise ValueError(f"Unknown family {family!r}; use qwen2, gemma2 or llama.")
+    raise ValueError(f"Unknown family {family!r}; use qwen2, gemma2, gemma3 or llama.")
 
 
 def save_tiny_model(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:

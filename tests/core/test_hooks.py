@@ -16,7 +16,7 @@ def _load(folder):
 PROMPTS = ["How do I bake bread?", "Write a haiku about the sea and the long summer evenings."]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "gemma2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3", "llama"])
 def test_record_residual_equals_output_hidden_states(tiny_models, family):
     model, tokenizer = _load(tiny_models[family])
     inputs = tokenize_batch(tokenizer, PROMPTS, torch.device("cpu"))

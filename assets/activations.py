@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 from assets.common import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
-from refusal_core.activations import activation_rows, capture
+from refusal_core.activations import activation_rows, capture, position_tokens
 from refusal_core.chat import format_prompt, post_instruction_tokens
 from refusal_core.hooks import check_layers
 from refusal_core.tables import Spool, activations_schema, spool, to_json
@@ -18,14 +18,14 @@ from refusal_core.tables import Spool, activations_schema, spool, to_json
 
 @dg.asset(partitions_def=studies, group_name="activations", pool="gpu", kinds={"parquet", "pytorch"})
 def activations(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table) -> dg.Output[Spool]:
-    """One row per (prompt, layer, post-instruction position): the residual stream after each block, float32."""
+    """One row per (prompt, layer, position): the residual stream after each block at the instruction's last token and the post-instruction template tokens, float32."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     layers = check_layers(settings.layers if settings.layers is not None else range(loaded.n_layers), loaded.n_layers)
     selected = select_prompts(prompts, settings.activation_labels, settings.max_prompts_per_label)
     template = loaded.study.chat_template
     suffix = post_instruction_tokens(loaded.tokenizer, template)
-    tokens = loaded.tokenizer.convert_ids_to_tokens(suffix)
+    tokens = position_tokens(loaded.tokenizer, suffix)
     texts = [format_prompt(loaded.tokenizer, text, template) for text in selected["text"].to_pylist()]
     ids = selected["prompt_id"].to_pylist()
     counter = {"tokens": 0}
@@ -43,7 +43,7 @@ def activations(context: dg.AssetExecutionContext, study: StudyResource, prompts
                                     "batch_size": settings.batch_size, "positions": tokens})}
     staged = spool(batches(), activations_schema(loaded.d_model), study.staging_dir, lineage)
     seconds = time.perf_counter() - started
-    context.log.info("Captured %d prompts x %d layers x %d positions in %.1f s.", len(ids), len(layers), len(suffix), seconds)
+    context.log.info("Captured %d prompts x %d layers x %d positions in %.1f s.", len(ids), len(layers), len(tokens), seconds)
     return dg.Output(
         staged,
         data_version=dg.DataVersion(staged.sha256),

@@ -23,7 +23,10 @@ class ActivationBatch:
     indices: list[int]
     """Positions of the batch's prompts in the list given to `capture`."""
     activations: Tensor
-    """Float32 on the CPU, shape [batch, n_layers, n_positions, d_model]; positions run -n..-1."""
+    """Float32 on the CPU, shape [batch, n_layers, n_positions, d_model]; positions run -n..-1.
+
+    The first position is the last token of the instruction; the rest are the post-instruction
+    template tokens."""
     n_tokens: int
     """Tokens in the batch without padding, for throughput."""
 
@@ -50,7 +53,8 @@ def capture(
 ) -> Iterator[ActivationBatch]:
     """Run the model's backbone on formatted `prompts` and yield the residual stream after each of `layers`.
 
-    Only the last `len(suffix_ids)` positions (the post-instruction template tokens) are kept.
+    Only the last `len(suffix_ids) + 1` positions are kept: the instruction's last token (where
+    harmfulness is read) and the post-instruction template tokens (where refusal is read).
     Prompts are batched by length to keep padding small, with left padding; the LM head and the
     blocks after the last requested layer are never run.
 
@@ -63,7 +67,7 @@ def capture(
         raise ValueError("No prompts to capture activations for; the prompt selection is empty.")
     layers = check_layers(layers, len(decoder_layers(model)))
     device = next(model.parameters()).device
-    n_positions = len(suffix_ids)
+    n_positions = len(suffix_ids) + 1
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     backbone = model.get_decoder()
@@ -71,7 +75,7 @@ def capture(
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         inputs = tokenize_batch(tokenizer, [prompts[i] for i in indices], device)
-        tails = inputs["input_ids"][:, -n_positions:].tolist()
+        tails = inputs["input_ids"][:, -len(suffix_ids):].tolist()
         for index, tail in zip(indices, tails):
             if tail != list(suffix_ids):
                 raise ValueError(f"Prompt {index} does not end with the post-instruction template tokens {list(suffix_ids)}.")
@@ -86,6 +90,15 @@ def capture(
     bar.close()
 
 
+INSTRUCTION_TOKEN = "[instruction]"
+"""The `token` value stored for the instruction's last token, which differs from prompt to prompt."""
+
+
+def position_tokens(tokenizer: PreTrainedTokenizerBase, suffix_ids: Sequence[int]) -> list[str]:
+    """Names of the positions `capture` keeps: the instruction's last token, then the template tokens."""
+    return [INSTRUCTION_TOKEN, *tokenizer.convert_ids_to_tokens(list(suffix_ids))]
+
+
 def activation_rows(
     batch: ActivationBatch,
     model_key: str,
@@ -97,7 +110,7 @@ def activation_rows(
 
     Args:
         prompt_ids: ids of all prompts given to `capture`, indexed by `batch.indices`.
-        tokens: the post-instruction template tokens, as strings, in position order.
+        tokens: one name per kept position, in order (see `position_tokens`).
     """
     n_batch, n_layers, n_positions, d_model = batch.activations.shape
     vectors = batch.activations.numpy().reshape(-1, d_model)  # [b*L*P, d]

@@ -40,10 +40,64 @@ ACTIVATIONS = pa.schema(
         MODEL_KEY,
         _field("prompt_id", pa.string(), "The prompt whose forward pass this is."),
         _field("layer_index", pa.int16(), "Decoder block whose output (residual stream after the block) this is."),
-        _field("position", pa.int16(), "Offset from the last prompt token: -1 is the last post-instruction token."),
-        _field("token", pa.string(), "The template token at that position."),
+        _field("position", pa.int16(), "Offset from the last prompt token: -1 is the last template token; the lowest is the instruction's last token."),
+        _field("token", pa.string(), "The template token at that position, or [instruction] for the instruction's last token."),
         # The vector width differs per model, so the list size is set per table by `activations_schema`.
         _field("activation", pa.list_(pa.float32()), "Residual-stream vector, float32, length d_model."),
+    ]
+)
+
+INTERVENTION_FIELDS = [
+    _field("intervention_id", pa.string(), "Id of the intervention active while generating (kind + hash); none for baseline."),
+    _field("intervention_kind", pa.string(), "none, ablate, add or compose."),
+    _field("intervention_parameters", pa.string(), "The intervention's parameters as canonical JSON."),
+]
+
+GENERATIONS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("prompt_id", pa.string(), "The prompt answered."),
+        _field("label", pa.string(), "The prompt's label (the eval set)."),
+        *INTERVENTION_FIELDS,
+        _field("max_new_tokens", pa.int32(), "Generation budget; decoding is greedy."),
+        _field("completion", pa.string(), "The model's answer, without the end-of-turn token."),
+        _field("refused_substring", pa.bool_(), "Substring judge: the completion contains a refusal phrase."),
+        _field("refusal_score", pa.float32(), "log P(refusal token) - log P(other) at the first answer position."),
+        _field("refused_score", pa.bool_(), "Refusal-score judge: refusal_score > 0."),
+        _field("judges_disagree", pa.bool_(), "The substring and refusal-score judges give different verdicts."),
+    ]
+)
+
+DIRECTION_CANDIDATES = pa.schema(
+    [
+        MODEL_KEY,
+        _field("layer_index", pa.int16(), "Layer whose output the direction is read from."),
+        _field("position", pa.int16(), "Post-instruction position it is read at."),
+        _field("token", pa.string(), "The template token at that position."),
+        _field("norm", pa.float64(), "Norm of the difference in means."),
+        _field("cosine_score", pa.float64(), "Output-free separation score (COSMIC-style); higher is better."),
+        _field("evaluated", pa.bool_(), "Whether ablation and addition were measured for this candidate."),
+        _field("ablation_refusal_score", pa.float64(), "Mean harmful val refusal score with it ablated.", True),
+        _field("addition_refusal_score", pa.float64(), "Mean harmless val refusal score with it added.", True),
+        _field("kl", pa.float64(), "Mean harmless val KL(clean || ablated) at the first answer token.", True),
+        _field("passes_filters", pa.bool_(), "addition score > 0, KL <= 0.1 and not in the last 20% of layers.", True),
+        _field("selected", pa.bool_(), "The refusal direction of the study."),
+        _field("direction", pa.list_(pa.float64()), "Harmful-minus-harmless mean activation, float64."),
+    ]
+)
+
+EFFECTS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("eval_set", pa.string(), "Prompt label judged (harmful, harmless, over_refusal)."),
+        *INTERVENTION_FIELDS,
+        _field("judge", pa.string(), "substring or refusal_score."),
+        _field("n_prompts", pa.int32(), "Prompts judged."),
+        _field("refusal_rate", pa.float64(), "Share of prompts judged refused."),
+        _field("ci_low", pa.float64(), "Bootstrap 95% interval, lower end."),
+        _field("ci_high", pa.float64(), "Bootstrap 95% interval, upper end."),
+        _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position."),
+        _field("kl", pa.float64(), "Mean KL(baseline || intervened) at the first answer token.", True),
     ]
 )
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refusal_core.activations import activation_rows, capture
+from refusal_core.activations import activation_rows, capture, position_tokens
 from refusal_core.chat import format_prompt, post_instruction_tokens
 
 TEXTS = ["Hi", "Explain photosynthesis to a ten-year-old in three sentences.", "List five uses of vinegar.",
@@ -41,7 +41,7 @@ def test_capture_in_left_padded_batches_matches_each_prompt_alone(qwen):
         with torch.no_grad():
             hidden = model(**ids, output_hidden_states=True).hidden_states
         for slot, layer in enumerate(layers):
-            alone = hidden[layer + 1][0, -len(suffix):]  # [positions, d_model]
+            alone = hidden[layer + 1][0, -len(suffix) - 1:]  # [instruction token + template, d_model]
             assert torch.allclose(batched[index][slot], alone, atol=1e-4), (index, layer)
 
 
@@ -70,13 +70,16 @@ def test_activation_rows_lay_out_prompt_layer_position(qwen):
     prompts = [format_prompt(tokenizer, text, "tokenizer") for text in TEXTS[:2]]
     suffix = post_instruction_tokens(tokenizer, "tokenizer")
     batch = next(capture(model, tokenizer, prompts, [0, 1], suffix, batch_size=2, progress=False))
-    tokens = tokenizer.convert_ids_to_tokens(suffix)
+    tokens = position_tokens(tokenizer, suffix)
+    n = len(tokens)
+    assert n == len(suffix) + 1 and tokens[0] == "[instruction]"
     rows = activation_rows(batch, "m", ["a", "b"], [0, 1], tokens)
-    assert rows.num_rows == 2 * 2 * len(suffix)
+    assert rows.num_rows == 2 * 2 * n
     table = rows.to_pydict()
     first = batch.indices[0]
     assert table["prompt_id"][0] == ["a", "b"][first]
-    assert table["layer_index"][: 2 * len(suffix)] == [0] * len(suffix) + [1] * len(suffix)
-    assert table["position"][: len(suffix)] == list(range(-len(suffix), 0))
-    vector = np.asarray(table["activation"][len(suffix) + 2], dtype=np.float32)  # layer 1, third position
+    assert table["layer_index"][: 2 * n] == [0] * n + [1] * n
+    assert table["position"][:n] == list(range(-n, 0))
+    assert table["token"][:n] == tokens
+    vector = np.asarray(table["activation"][n + 2], dtype=np.float32)  # layer 1, third position
     assert np.array_equal(vector, batch.activations[0, 1, 2].numpy())

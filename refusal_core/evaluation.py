@@ -1,0 +1,59 @@
+"""Judged generations under an intervention, and refusal rates with bootstrap intervals."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_core.generation import generate
+from refusal_core.interventions import Intervention, describe, intervene
+from refusal_core.judges import SubstringJudge
+from refusal_core.scoring import answer_log_probs, refusal_score
+from refusal_core.tables import GENERATIONS
+
+
+def judged_generations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    prompt_ids: Sequence[str],
+    labels: Sequence[str],
+    model_key: str,
+    refusal_ids: Sequence[int],
+    intervention: Intervention | None = None,
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+) -> pa.Table:
+    """Generate for chat-formatted `prompts` under `intervention` and judge every answer, in the GENERATIONS schema."""
+    with intervene(model, intervention):
+        completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    scores = refusal_score(answer_log_probs(model, tokenizer, prompts, intervention, batch_size), refusal_ids)
+    by_substring = SubstringJudge().judge(completions)
+    by_score = [bool(s > 0) for s in scores.tolist()]
+    identity, kind, parameters = describe(intervention)
+    n = len(prompts)
+    return pa.Table.from_pydict(
+        {
+            "model_key": [model_key] * n, "prompt_id": list(prompt_ids), "label": list(labels),
+            "intervention_id": [identity] * n, "intervention_kind": [kind] * n,
+            "intervention_parameters": [parameters] * n, "max_new_tokens": [max_new_tokens] * n,
+            "completion": completions, "refused_substring": by_substring,
+            "refusal_score": scores.tolist(), "refused_score": by_score,
+            "judges_disagree": [a != b for a, b in zip(by_substring, by_score)],
+        },
+        schema=GENERATIONS,
+    )
+
+
+def bootstrap_interval(verdicts: Sequence[bool], n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of 0/1 verdicts."""
+    values = np.asarray(verdicts, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("Cannot compute a refusal rate over zero prompts.")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)

@@ -22,3 +22,25 @@ def model_lineage(loaded: LoadedModel) -> dict[str, str]:
 def upstream_lineage(**tables: pa.Table) -> dict[str, str]:
     """Lineage fields for the upstream tables an asset read, by asset name."""
     return {"upstream": to_json({name: content_sha256(table) for name, table in tables.items()})}
+
+
+def prompts_of(prompts: pa.Table, label: str, split: str, limit: int, source: str | None = None) -> pa.Table:
+    """Up to `limit` prompts with `label` in `split` (and from `source`), in prompt-id (hash) order."""
+    import pyarrow.compute as pc
+
+    mask = pc.and_(pc.equal(prompts["label"], label), pc.equal(prompts["split"], split))
+    if source is not None:
+        mask = pc.and_(mask, pc.equal(prompts["source"], source))
+    chosen = prompts.filter(mask).sort_by("prompt_id").slice(0, limit)
+    if chosen.num_rows == 0:
+        raise ValueError(f"No {label} prompts in the {split} split{f' from {source}' if source else ''}; check the prompt set.")
+    return chosen
+
+
+def eval_prompts(prompts: pa.Table, limit: int) -> pa.Table:
+    """The eval sets: HarmBench harmful, harmless and over-refusal prompts of the test split."""
+    return pa.concat_tables([
+        prompts_of(prompts, "harmful", "test", limit, "harmbench"),
+        prompts_of(prompts, "harmless", "test", limit),
+        prompts_of(prompts, "over_refusal", "test", limit),
+    ])

@@ -78,6 +78,13 @@ class Settings(_Strict):
         default_factory=list, description="Optional hub data sets: advbench, jailbreakbench, alpaca."
     )
     max_new_tokens: int = Field(default=32, gt=0, description="Tokens generated per answer.")
+    max_eval_prompts_per_label: int = Field(
+        default=32, gt=0, description="Test prompts per label (HarmBench for harmful) that are generated for and judged."
+    )
+    selection_prompts: int = Field(default=16, gt=0, description="Val prompts per label used to select the direction.")
+    direction_candidates: int = Field(
+        default=12, gt=0, description="Candidates (best by cosine score) whose ablation and addition are measured."
+    )
 
 
 class Study(_Strict):

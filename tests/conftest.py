@@ -43,6 +43,10 @@ SMALL_SETTINGS = """
 batch_size = 4
 max_prompts_per_label = 6
 jailbreak_base_prompts = 2
+max_eval_prompts_per_label = 3
+selection_prompts = 3
+direction_candidates = 2
+max_new_tokens = 6
 """
 
 

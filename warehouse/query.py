@@ -10,9 +10,17 @@ from pathlib import Path
 
 import duckdb
 
-from refusal_core.tables import ACTIVATIONS, LINEAGE, PROMPTS
+from refusal_core.tables import ACTIVATIONS, DIRECTION_CANDIDATES, EFFECTS, GENERATIONS, LINEAGE, PROMPTS
 
-SCHEMAS = {"prompts": PROMPTS, "activations": ACTIVATIONS, "lineage": LINEAGE}
+SCHEMAS = {
+    "prompts": PROMPTS,
+    "activations": ACTIVATIONS,
+    "baseline_generations": GENERATIONS,
+    "refusal_directions": DIRECTION_CANDIDATES,
+    "intervention_generations": GENERATIONS,
+    "intervention_effects": EFFECTS,
+    "lineage": LINEAGE,
+}
 """Every table of the warehouse; a view over a table with no file yet is empty but has its columns."""
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}

@@ -6,3 +6,11 @@ CREATE VIEW activations AS
     SELECT * FROM read_parquet('{root}/activations/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW lineage AS
     SELECT * FROM read_parquet('{root}/lineage/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW baseline_generations AS
+    SELECT * FROM read_parquet('{root}/baseline_generations/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW intervention_generations AS
+    SELECT * FROM read_parquet('{root}/intervention_generations/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW refusal_directions AS
+    SELECT * FROM read_parquet('{root}/refusal_directions/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW intervention_effects AS
+    SELECT * FROM read_parquet('{root}/intervention_effects/model=*/*.parquet', hive_partitioning = true);

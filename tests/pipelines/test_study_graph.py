@@ -54,6 +54,28 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert event.asset_materialization.tags["dagster/data_version"] == lineage["content_sha256"]
         assert event.asset_materialization.metadata["dagster/row_count"].value == activations.num_rows
         assert not list((warehouse / ".staging").iterdir())
+        _check_direction_tables(warehouse, key)
+
+
+def _check_direction_tables(warehouse, key):
+    read = lambda name: pq.read_table(warehouse / name / f"model={key}" / "data.parquet")  # noqa: E731
+    candidates = read("refusal_directions")
+    selected = candidates.filter(candidates["selected"]).to_pylist()
+    assert len(selected) == 1 and selected[0]["evaluated"] and len(selected[0]["direction"]) == 64
+    assert selected[0]["layer_index"] < 3 * 0.8
+    assert candidates["evaluated"].to_pylist().count(True) == 2
+    baseline = read("baseline_generations")
+    assert set(baseline["label"].to_pylist()) == {"harmful", "harmless", "over_refusal"}
+    assert set(baseline["intervention_kind"].to_pylist()) == {"none"} and set(baseline["max_new_tokens"].to_pylist()) == {6}
+    generated = read("intervention_generations")
+    kinds = {(r["intervention_kind"], r["label"]) for r in generated.to_pylist()}
+    assert kinds == {("ablate", "harmful"), ("ablate", "harmless"), ("ablate", "over_refusal"), ("add", "harmless")}
+    effects = read("intervention_effects").to_pylist()
+    assert len(effects) == 2 * (3 + 4)  # two judges x (3 baseline sets + 4 intervention sets)
+    for row in effects:
+        assert 0 <= row["ci_low"] <= row["refusal_rate"] <= row["ci_high"] <= 1
+        assert (row["kl"] is not None) == (row["eval_set"] == "harmless")
+    assert all(r["kl"] == 0.0 for r in effects if r["intervention_kind"] == "none" and r["eval_set"] == "harmless")
 
 
 def test_rematerializing_unchanged_inputs_gives_the_same_data_version_and_bytes(tiny_registry, warehouse):

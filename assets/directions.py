@@ -1,0 +1,98 @@
+"""The refusal direction: difference in means at every layer x position, selected by what ablating and adding it does."""
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from assets.common import content_sha256, model_lineage, prompts_of, upstream_lineage
+from pipelines.partitions import studies
+from pipelines.resources import StudyResource
+from refusal_core.activations import INSTRUCTION_TOKEN
+from refusal_core.chat import format_prompt
+from refusal_core.directions import cosine_scores, difference_in_means, eligible_layers, mean_activations, top_candidates
+from refusal_core.scoring import answer_log_probs, refusal_score, refusal_token_ids
+from refusal_core.selection import choose, evaluate_candidates
+from refusal_core.tables import DIRECTION_CANDIDATES, Spool, spool, to_json
+
+
+MIN_FILTERED = 4
+"""Fewest prompts a refusal filter may leave before it is skipped."""
+
+
+@dg.asset(partitions_def=studies, group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
+def refusal_directions(
+    context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table
+) -> dg.Output[Spool]:
+    """Every candidate refusal direction (layer x post-instruction position) with its selection metrics; one row is selected."""
+    loaded = study.load(context.partition_key)
+    settings, template = loaded.study.settings, loaded.study.chat_template
+    refusal_ids = refusal_token_ids(loaded.tokenizer)
+
+    def formatted(table: pa.Table) -> list[str]:
+        return [format_prompt(loaded.tokenizer, t, template) for t in table["text"].to_pylist()]
+
+    def by_refusal(table: pa.Table, refused: bool) -> pa.Table:
+        # As in refusal_direction: keep harmful prompts the model refuses and harmless ones it answers.
+        # A model that refuses (or answers) almost nothing keeps them all, and the log says so.
+        scores = refusal_score(answer_log_probs(loaded.model, loaded.tokenizer, formatted(table), None, settings.batch_size), refusal_ids)
+        kept = table.filter(pa.array([(s > 0) == refused for s in scores.tolist()]))
+        if kept.num_rows < MIN_FILTERED:
+            context.log.warning("Only %d of %d %s prompts are %s by refusal score; using all of them unfiltered.",
+                                kept.num_rows, table.num_rows, table["label"][0], "refused" if refused else "answered")
+            return table
+        return kept
+
+    captured = set(activations["prompt_id"].unique().to_pylist())
+    train = prompts.filter(pc.is_in(prompts["prompt_id"], pa.array(sorted(captured))))
+    harmful = by_refusal(train.filter(pc.and_(pc.equal(train["label"], "harmful"), pc.equal(train["split"], "train"))), True)
+    harmless = by_refusal(train.filter(pc.and_(pc.equal(train["label"], "harmless"), pc.equal(train["split"], "train"))), False)
+    context.log.info("Train prompts kept: %d refused harmful, %d answered harmless.", harmful.num_rows, harmless.num_rows)
+    template_rows = activations.filter(pc.not_equal(activations["token"], INSTRUCTION_TOKEN))
+    means = mean_activations(template_rows.to_batches(max_chunksize=4096),
+                             {"harmful": set(harmful["prompt_id"].to_pylist()), "harmless": set(harmless["prompt_id"].to_pylist())})
+    directions = difference_in_means(means, "harmful", "harmless")  # [L, P, d] float64
+    scores = cosine_scores(directions, means.of("harmful"), means.of("harmless"))
+    allowed = eligible_layers(loaded.n_layers)
+    shortlist = top_candidates(scores, means.layers, means.positions, allowed, settings.direction_candidates)
+    val_harmful = by_refusal(prompts_of(prompts, "harmful", "val", 4 * settings.selection_prompts), True).slice(0, settings.selection_prompts)
+    val_harmless = prompts_of(prompts, "harmless", "val", settings.selection_prompts)
+    index = {(layer, position): (i, j) for i, layer in enumerate(means.layers) for j, position in enumerate(means.positions)}
+    evaluations = evaluate_candidates(
+        loaded.model, loaded.tokenizer, {c: directions[index[c]] for c in shortlist},
+        formatted(val_harmful), formatted(val_harmless), refusal_ids, settings.batch_size)
+    best, passed = choose(evaluations)
+    if not passed:
+        context.log.warning("No candidate passed the filters (addition score > 0, KL <= 0.1); kept the best by ablation.")
+    measured = {(e.layer, e.position): e for e in evaluations}
+    token_of = dict(zip(activations["position"].to_pylist()[:len(means.positions) + 1], activations["token"].to_pylist()))
+    rows = []
+    for (layer, position), (i, j) in sorted(index.items()):
+        e = measured.get((layer, position))
+        rows.append({
+            "model_key": loaded.study.key, "layer_index": layer, "position": position, "token": token_of.get(position, ""),
+            "norm": float(directions[i, j].norm()), "cosine_score": float(scores[i, j]), "evaluated": e is not None,
+            "ablation_refusal_score": e.ablation_refusal_score if e else None,
+            "addition_refusal_score": e.addition_refusal_score if e else None, "kl": e.kl if e else None,
+            "passes_filters": (e.passes and layer in allowed) if e else None,
+            "selected": e is best, "direction": directions[i, j].tolist(),
+        })
+    table = pa.Table.from_pylist(rows, schema=DIRECTION_CANDIDATES)
+    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations),
+               "prompt_set_sha256": content_sha256(prompts),
+               "settings": to_json({"direction_candidates": settings.direction_candidates,
+                                    "selection_prompts": settings.selection_prompts})}
+    staged = spool([table], DIRECTION_CANDIDATES, study.staging_dir, lineage)
+    return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
+        "selected_layer": best.layer, "selected_position": best.position, "selected_token": token_of.get(best.position, ""),
+        "ablation_refusal_score": best.ablation_refusal_score, "addition_refusal_score": best.addition_refusal_score,
+        "kl": best.kl, "passes_filters": passed, "n_train_harmful": harmful.num_rows, "n_train_harmless": harmless.num_rows})
+
+
+def selected_direction(candidates: pa.Table):
+    """(layer, direction tensor) of the selected row of a refusal_directions table."""
+    import torch
+
+    row = candidates.filter(candidates["selected"]).to_pylist()
+    if len(row) != 1:
+        raise ValueError(f"The refusal_directions table has {len(row)} selected rows; re-materialize it.")
+    return row[0]["layer_index"], torch.tensor(row[0]["direction"], dtype=torch.float64)

@@ -1,0 +1,93 @@
+"""Generations with the refusal direction ablated or added, and the effects table that compares them with the baseline."""
+
+import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from assets.common import content_sha256, eval_prompts, model_lineage, upstream_lineage
+from assets.directions import selected_direction
+from pipelines.partitions import studies
+from pipelines.resources import StudyResource
+from refusal_core.chat import format_prompt
+from refusal_core.evaluation import bootstrap_interval, judged_generations
+from refusal_core.interventions import Ablate, Add, describe
+from refusal_core.scoring import answer_log_probs, kl_divergence, refusal_token_ids
+from refusal_core.tables import EFFECTS, GENERATIONS, Spool, spool, to_json
+
+
+def direction_interventions(candidates: pa.Table) -> dict[str, tuple]:
+    """The interventions of the directions study, with the labels each is applied to."""
+    layer, direction = selected_direction(candidates)
+    return {
+        "ablate": (Ablate(direction.float()), ("harmful", "harmless", "over_refusal")),
+        "add": (Add(direction.float(), layer, 1.0), ("harmless",)),
+    }
+
+
+@dg.asset(partitions_def=studies, group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
+def intervention_generations(
+    context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, refusal_directions: pa.Table
+) -> dg.Output[Spool]:
+    """Greedy answers with the selected refusal direction ablated (every eval set) or added at its layer (harmless), judged."""
+    loaded = study.load(context.partition_key)
+    settings = loaded.study.settings
+    chosen = eval_prompts(prompts, settings.max_eval_prompts_per_label)
+    tables = []
+    for name, (intervention, labels) in direction_interventions(refusal_directions).items():
+        subset = chosen.filter(pc.is_in(chosen["label"], pa.array(labels)))
+        texts = [format_prompt(loaded.tokenizer, t, loaded.study.chat_template) for t in subset["text"].to_pylist()]
+        tables.append(judged_generations(
+            loaded.model, loaded.tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(),
+            loaded.study.key, refusal_token_ids(loaded.tokenizer), intervention, settings.max_new_tokens, settings.batch_size))
+        context.log.info("%s: %d generations", name, subset.num_rows)
+    table = pa.concat_tables(tables)
+    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, refusal_directions=refusal_directions),
+               "prompt_set_sha256": content_sha256(prompts), "settings": to_json({"max_new_tokens": settings.max_new_tokens})}
+    staged = spool([table], GENERATIONS, study.staging_dir, lineage)
+    return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_generations": table.num_rows})
+
+
+@dg.asset(partitions_def=studies, group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
+def intervention_effects(
+    context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, refusal_directions: pa.Table,
+    baseline_generations: pa.Table, intervention_generations: pa.Table,
+) -> dg.Output[Spool]:
+    """Refusal rate by each judge with bootstrap 95% intervals, mean refusal score and KL on harmless prompts, per eval set x intervention."""
+    loaded = study.load(context.partition_key)
+    settings = loaded.study.settings
+    harmless = eval_prompts(prompts, settings.max_eval_prompts_per_label)
+    harmless = harmless.filter(pc.equal(harmless["label"], "harmless"))
+    texts = [format_prompt(loaded.tokenizer, t, loaded.study.chat_template) for t in harmless["text"].to_pylist()]
+    clean = answer_log_probs(loaded.model, loaded.tokenizer, texts, None, settings.batch_size)
+    kl = {"none": 0.0}
+    for intervention, _ in direction_interventions(refusal_directions).values():
+        changed = answer_log_probs(loaded.model, loaded.tokenizer, texts, intervention, settings.batch_size)
+        kl[describe(intervention)[0]] = float(kl_divergence(clean, changed).mean())
+    rows = []
+    generations = pa.concat_tables([baseline_generations, intervention_generations]).to_pylist()
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in generations:
+        groups.setdefault((row["label"], row["intervention_id"]), []).append(row)
+    for (label, identity), members in sorted(groups.items()):
+        for judge, column in (("substring", "refused_substring"), ("refusal_score", "refused_score")):
+            verdicts = [m[column] for m in members]
+            low, high = bootstrap_interval(verdicts, seed=settings.seed)
+            rows.append({
+                "model_key": loaded.study.key, "eval_set": label, "intervention_id": identity,
+                "intervention_kind": members[0]["intervention_kind"],
+                "intervention_parameters": members[0]["intervention_parameters"], "judge": judge,
+                "n_prompts": len(members), "refusal_rate": sum(verdicts) / len(verdicts), "ci_low": low, "ci_high": high,
+                "mean_refusal_score": float(torch.tensor([m["refusal_score"] for m in members]).mean()),
+                "kl": kl.get(identity) if label == "harmless" else None,
+            })
+    table = pa.Table.from_pylist(rows, schema=EFFECTS)
+    lineage = {**model_lineage(loaded), **upstream_lineage(
+        prompts=prompts, refusal_directions=refusal_directions, baseline_generations=baseline_generations,
+        intervention_generations=intervention_generations), "prompt_set_sha256": content_sha256(prompts),
+        "settings": to_json({"bootstrap_seed": settings.seed})}
+    staged = spool([table], EFFECTS, study.staging_dir, lineage)
+    summary = {f"{r['eval_set']}/{r['intervention_kind']}": round(r["refusal_rate"], 3) for r in rows if r["judge"] == "substring"}
+    context.log.info("Refusal rate by substring: %s; KL on harmless: %s", summary, kl)
+    return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
+        **{f"refusal_rate/{k}": v for k, v in summary.items()}, **{f"kl/{k}": round(v, 4) for k, v in kl.items()}})

@@ -18,12 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="Materialize every asset of a study (the main job).")
     run.add_argument("--study", help="Registry key; the registry's default when left out.")
     commands.add_parser("studies", help="List the studies in the registry.")
+    gen = commands.add_parser("generate", help="Generate and judge answers to a prompt file, optionally intervening.")
+    gen.add_argument("--model", help="Study key; the registry's default when left out.")
+    gen.add_argument("--prompts", type=Path, required=True, help=".txt (one prompt a line) or .jsonl with a text field.")
+    gen.add_argument("--intervention", default="none",
+                     help="none, ablate, or add[:COEF] with the study's selected refusal direction (default none).")
+    gen.add_argument("--max-new-tokens", type=int, help="Default: the study's setting.")
+    gen.add_argument("--out", type=Path, required=True, help="Parquet file to write the judged rows to.")
     sql = commands.add_parser("sql", help="Run a read-only SQL query over the warehouse views.")
     sql.add_argument("query")
     sql.add_argument("--out", type=Path, help="Write the result to a .csv or .parquet file instead of printing it.")
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "studies": _studies, "sql": _sql}[args.command](args)
+        return {"run": _run, "studies": _studies, "sql": _sql, "generate": _generate}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"refusal-sae: {error}", file=sys.stderr)
         return 2
@@ -56,6 +63,45 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  Parquet tables: {root}/<table>/model={key}/data.parquet")
     print(f"  Lineage:        {root}/lineage/model={key}/")
     print(f"  Try:            refusal-sae sql \"SELECT label, split, count(*) AS n FROM prompts GROUP BY ALL ORDER BY ALL\"")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from assets.directions import selected_direction
+    from refusal_core.chat import format_prompt
+    from refusal_core.evaluation import judged_generations
+    from refusal_core.interventions import Ablate, Add
+    from refusal_core.models import load_model
+    from refusal_core.prompts import prompt_id, read_prompt_file
+    from refusal_core.registry import load_registry
+    from refusal_core.scoring import refusal_token_ids
+    from refusal_core.tables import GENERATIONS, read_parquet, write_parquet
+
+    if args.out.suffix != ".parquet":
+        raise ValueError(f"--out must name a .parquet file, not {args.out.name}.")
+    registry = load_registry(paths.registry_path())
+    study = registry.get(args.model or registry.default)
+    rows = read_prompt_file(args.prompts)
+    kind, _, coefficient = args.intervention.partition(":")
+    intervention = None
+    if kind != "none":
+        if kind not in ("ablate", "add"):
+            raise ValueError(f"Unknown intervention {args.intervention!r}; use none, ablate or add[:COEF].")
+        directions = paths.warehouse_root() / "refusal_directions" / f"model={study.key}" / "data.parquet"
+        if not directions.exists():
+            raise FileNotFoundError(f"No refusal direction for {study.key!r} yet; run `refusal-sae run --study {study.key}` first.")
+        layer, direction = selected_direction(read_parquet(directions))
+        intervention = Ablate(direction.float()) if kind == "ablate" else Add(direction.float(), layer, float(coefficient or 1.0))
+    loaded = load_model(study, paths.cache_dir())
+    texts = [format_prompt(loaded.tokenizer, row["text"], study.chat_template) for row in rows]
+    table = judged_generations(
+        loaded.model, loaded.tokenizer, texts, [prompt_id(row["text"]) for row in rows], [row["category"] for row in rows],
+        study.key, refusal_token_ids(loaded.tokenizer), intervention,
+        args.max_new_tokens or study.settings.max_new_tokens, study.settings.batch_size)
+    write_parquet(args.out, GENERATIONS, table.to_batches(), {"refusal_sae.model_source": loaded.source,
+                                                                "refusal_sae.model_sha256": loaded.weights_sha256})
+    refused = sum(table["refused_substring"].to_pylist())
+    print(f"Wrote {table.num_rows} judged answers to {args.out} ({refused} refused by substring).")
     return 0
 
 

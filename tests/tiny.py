@@ -77,3 +77,13 @@ def save_tiny_model(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_tiny(folder: Path):
+    """(model, tokenizer) of a saved tiny model: float32, eval mode, left padding."""
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"
+    return model, tokenizer

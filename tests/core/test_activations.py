@@ -1,21 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_core.activations import activation_rows, capture, position_tokens
 from refusal_core.chat import format_prompt, post_instruction_tokens
 
 TEXTS = ["Hi", "Explain photosynthesis to a ten-year-old in three sentences.", "List five uses of vinegar.",
          "What is ransomware?", "Translate 'good morning' into Spanish, French and German."]
-
-
-@pytest.fixture
-def qwen(tiny_models):
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
-    tokenizer.padding_side = "left"
-    return model, tokenizer
 
 
 def test_post_instruction_tokens_are_the_template_after_the_instruction(qwen):

@@ -1,16 +1,9 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_core.activations import tokenize_batch
 from refusal_core.hooks import decoder_layers, record_residual
-
-
-def _load(folder):
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+from tests.tiny import load_tiny
 
 
 PROMPTS = ["How do I bake bread?", "Write a haiku about the sea and the long summer evenings."]
@@ -18,7 +11,7 @@ PROMPTS = ["How do I bake bread?", "Write a haiku about the sea and the long sum
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "gemma3", "llama"])
 def test_record_residual_equals_output_hidden_states(tiny_models, family):
-    model, tokenizer = _load(tiny_models[family])
+    model, tokenizer = load_tiny(tiny_models[family])
     inputs = tokenize_batch(tokenizer, PROMPTS, torch.device("cpu"))
     n_layers = model.config.num_hidden_layers
     with torch.no_grad(), record_residual(model, range(n_layers)) as recorded:
@@ -30,7 +23,7 @@ def test_record_residual_equals_output_hidden_states(tiny_models, family):
 
 
 def test_hooks_are_removed_even_when_the_forward_fails(tiny_models):
-    model, tokenizer = _load(tiny_models["qwen2"])
+    model, tokenizer = load_tiny(tiny_models["qwen2"])
     blocks = decoder_layers(model)
     with pytest.raises(RuntimeError, match="boom"):
         with record_residual(model, [0, 2]):
@@ -40,7 +33,7 @@ def test_hooks_are_removed_even_when_the_forward_fails(tiny_models):
 
 
 def test_layer_out_of_range_is_one_clear_error(tiny_models):
-    model, _ = _load(tiny_models["qwen2"])
+    model, _ = load_tiny(tiny_models["qwen2"])
     with pytest.raises(ValueError, match="Layer 3 is out of range: this model has layers 0 to 2"):
         with record_residual(model, [3]):
             pass

@@ -1,19 +1,10 @@
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refusal_core.activations import tokenize_batch
 from refusal_core.hooks import decoder_layers, record_residual
 from refusal_core.interventions import Ablate, Add, Compose, describe, intervene, project_out
 from refusal_core.scoring import kl_divergence, refusal_score
-
-
-@pytest.fixture
-def qwen(tiny_models):
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["qwen2"], dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen2"])
-    tokenizer.padding_side = "left"
-    return model, tokenizer
 
 
 def _inputs(tokenizer):

@@ -3,6 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from assets.common import content_sha256, model_lineage, prompts_of, upstream_lineage
 from pipelines.partitions import studies
@@ -12,11 +13,14 @@ from refusal_core.chat import format_prompt
 from refusal_core.directions import cosine_scores, difference_in_means, eligible_layers, mean_activations, top_candidates
 from refusal_core.scoring import answer_log_probs, refusal_score, refusal_token_ids
 from refusal_core.selection import choose, evaluate_candidates
-from refusal_core.tables import DIRECTION_CANDIDATES, Spool, spool, to_json
+from refusal_core.tables import DIRECTION_CANDIDATES, DIRECTIONS, Spool, spool, to_json
 
 
 MIN_FILTERED = 4
 """Fewest prompts a refusal filter may leave before it is skipped."""
+
+MIN_CATEGORY_PROMPTS = 5
+"""Fewest prompts of a harm category that get a direction of their own."""
 
 
 @dg.asset(partitions_def=studies, group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
@@ -65,6 +69,7 @@ def refusal_directions(
         context.log.warning("No candidate passed the filters (addition score > 0, KL <= 0.1); kept the best by ablation.")
     measured = {(e.layer, e.position): e for e in evaluations}
     token_of = dict(zip(activations["position"].to_pylist()[:len(means.positions) + 1], activations["token"].to_pylist()))
+    by_cosine = top_candidates(scores, means.layers, means.positions, allowed, 1)[0]
     rows = []
     for (layer, position), (i, j) in sorted(index.items()):
         e = measured.get((layer, position))
@@ -74,7 +79,8 @@ def refusal_directions(
             "ablation_refusal_score": e.ablation_refusal_score if e else None,
             "addition_refusal_score": e.addition_refusal_score if e else None, "kl": e.kl if e else None,
             "passes_filters": (e.passes and layer in allowed) if e else None,
-            "selected": e is best, "direction": directions[i, j].tolist(),
+            "selected": e is best, "selected_by_cosine": (layer, position) == by_cosine,
+            "direction": directions[i, j].tolist(),
         })
     table = pa.Table.from_pylist(rows, schema=DIRECTION_CANDIDATES)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations),
@@ -85,14 +91,59 @@ def refusal_directions(
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         "selected_layer": best.layer, "selected_position": best.position, "selected_token": token_of.get(best.position, ""),
         "ablation_refusal_score": best.ablation_refusal_score, "addition_refusal_score": best.addition_refusal_score,
-        "kl": best.kl, "passes_filters": passed, "n_train_harmful": harmful.num_rows, "n_train_harmless": harmless.num_rows})
+        "kl": best.kl, "passes_filters": passed, "selected_by_cosine": f"layer {by_cosine[0]}, position {by_cosine[1]}", "n_train_harmful": harmful.num_rows, "n_train_harmless": harmless.num_rows})
 
 
 def selected_direction(candidates: pa.Table):
     """(layer, direction tensor) of the selected row of a refusal_directions table."""
-    import torch
-
     row = candidates.filter(candidates["selected"]).to_pylist()
     if len(row) != 1:
         raise ValueError(f"The refusal_directions table has {len(row)} selected rows; re-materialize it.")
     return row[0]["layer_index"], torch.tensor(row[0]["direction"], dtype=torch.float64)
+
+
+@dg.asset(partitions_def=studies, group_name="directions", kinds={"parquet"})
+def category_directions(
+    context: dg.AssetExecutionContext, prompts: pa.Table, activations: pa.Table, refusal_directions: pa.Table,
+    study: StudyResource,
+) -> dg.Output[Spool]:
+    """A direction per harm category and for over-refusal at the refusal direction's place, and a harmfulness direction at the instruction's last token, each with its cosine to the refusal direction."""
+    chosen = refusal_directions.filter(refusal_directions["selected"]).to_pylist()[0]
+    layer, position = chosen["layer_index"], chosen["position"]
+    refusal = torch.tensor(chosen["direction"], dtype=torch.float64)
+    captured = prompts.filter(pc.is_in(prompts["prompt_id"], activations["prompt_id"].unique()))
+    rows_of = lambda label: captured.filter(pc.equal(captured["label"], label))  # noqa: E731
+    groups = {"harmless": set(rows_of("harmless")["prompt_id"].to_pylist()),
+              "harmful": set(rows_of("harmful")["prompt_id"].to_pylist()),
+              "over_refusal": set(rows_of("over_refusal")["prompt_id"].to_pylist())}
+    harmful = rows_of("harmful")
+    for category in sorted(set(harmful["category"].to_pylist())):
+        members = harmful.filter(pc.equal(harmful["category"], category))["prompt_id"].to_pylist()
+        if len(members) >= MIN_CATEGORY_PROMPTS:
+            groups[f"category:{category}"] = set(members)
+        else:
+            context.log.info("Category %s has %d prompts with activations (< %d); no direction.", category, len(members), MIN_CATEGORY_PROMPTS)
+    at_layer = activations.filter(pc.equal(activations["layer_index"], layer))
+    instruction = int(pc.min(at_layer["position"]).as_py())
+    means = mean_activations(at_layer.to_batches(max_chunksize=4096), groups)
+    tokens = dict(zip(at_layer["position"].to_pylist()[:len(means.positions)], at_layer["token"].to_pylist()))
+    places = {name: position for name in groups if name not in ("harmless", "harmful")} | {"harmfulness": instruction}
+    rows = []
+    for name, place in sorted(places.items()):
+        group = "harmful" if name == "harmfulness" else name
+        vector = difference_in_means(means, group, "harmless")[0, means.positions.index(place)]
+        rows.append({"model_key": chosen["model_key"], "name": name, "layer_index": layer, "position": place,
+                     "token": tokens.get(place, ""), "n_prompts": means.counts[means.groups.index(group)],
+                     "cosine_with_refusal": float(torch.nn.functional.cosine_similarity(vector, refusal, dim=0)),
+                     "direction": vector.tolist()})
+    rows.append({"model_key": chosen["model_key"], "name": "refusal", "layer_index": layer, "position": position,
+                 "token": chosen["token"], "n_prompts": 0, "cosine_with_refusal": 1.0, "direction": chosen["direction"]})
+    table = pa.Table.from_pylist(rows, schema=DIRECTIONS)
+    lineage = {**upstream_lineage(prompts=prompts, activations=activations, refusal_directions=refusal_directions),
+               "prompt_set_sha256": content_sha256(prompts),
+               "settings": to_json({"min_category_prompts": MIN_CATEGORY_PROMPTS})}
+    staged = spool([table], DIRECTIONS, study.staging_dir, lineage)
+    cosines = {row["name"]: round(row["cosine_with_refusal"], 3) for row in rows}
+    context.log.info("Cosine with the refusal direction: %s", cosines)
+    return dg.Output(staged, data_version=dg.DataVersion(staged.sha256),
+                     metadata={f"cosine_with_refusal/{k}": v for k, v in cosines.items()})

@@ -12,7 +12,7 @@ from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt
 from refusal_core.evaluation import bootstrap_interval, judged_generations
 from refusal_core.interventions import Ablate, Add, describe
-from refusal_core.scoring import answer_log_probs, kl_divergence, refusal_token_ids
+from refusal_core.scoring import answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
 from refusal_core.tables import EFFECTS, GENERATIONS, Spool, spool, to_json
 
 
@@ -53,17 +53,23 @@ def intervention_effects(
     context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, refusal_directions: pa.Table,
     baseline_generations: pa.Table, intervention_generations: pa.Table,
 ) -> dg.Output[Spool]:
-    """Refusal rate by each judge with bootstrap 95% intervals, mean refusal score and KL on harmless prompts, per eval set x intervention."""
+    """Refusal rate by each judge with bootstrap 95% intervals, mean refusal score, and KL and cross-entropy change on harmless prompts, per eval set x intervention."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     harmless = eval_prompts(prompts, settings.max_eval_prompts_per_label)
     harmless = harmless.filter(pc.equal(harmless["label"], "harmless"))
     texts = [format_prompt(loaded.tokenizer, t, loaded.study.chat_template) for t in harmless["text"].to_pylist()]
+    answers = dict(zip(baseline_generations["prompt_id"].to_pylist(), baseline_generations["completion"].to_pylist()))
+    completions = [answers[i] for i in harmless["prompt_id"].to_pylist()]
     clean = answer_log_probs(loaded.model, loaded.tokenizer, texts, None, settings.batch_size)
-    kl = {"none": 0.0}
+    clean_loss = completion_cross_entropy(loaded.model, loaded.tokenizer, texts, completions, None, settings.batch_size)
+    kl, cross_entropy = {"none": 0.0}, {"none": 0.0}
     for intervention, _ in direction_interventions(refusal_directions).values():
+        identity = describe(intervention)[0]
         changed = answer_log_probs(loaded.model, loaded.tokenizer, texts, intervention, settings.batch_size)
-        kl[describe(intervention)[0]] = float(kl_divergence(clean, changed).mean())
+        kl[identity] = float(kl_divergence(clean, changed).mean())
+        loss = completion_cross_entropy(loaded.model, loaded.tokenizer, texts, completions, intervention, settings.batch_size)
+        cross_entropy[identity] = float((loss - clean_loss).nanmean())
     rows = []
     generations = pa.concat_tables([baseline_generations, intervention_generations]).to_pylist()
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -80,6 +86,7 @@ def intervention_effects(
                 "n_prompts": len(members), "refusal_rate": sum(verdicts) / len(verdicts), "ci_low": low, "ci_high": high,
                 "mean_refusal_score": float(torch.tensor([m["refusal_score"] for m in members]).mean()),
                 "kl": kl.get(identity) if label == "harmless" else None,
+                "cross_entropy_change": cross_entropy.get(identity) if label == "harmless" else None,
             })
     table = pa.Table.from_pylist(rows, schema=EFFECTS)
     lineage = {**model_lineage(loaded), **upstream_lineage(
@@ -90,4 +97,5 @@ def intervention_effects(
     summary = {f"{r['eval_set']}/{r['intervention_kind']}": round(r["refusal_rate"], 3) for r in rows if r["judge"] == "substring"}
     context.log.info("Refusal rate by substring: %s; KL on harmless: %s", summary, kl)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
-        **{f"refusal_rate/{k}": v for k, v in summary.items()}, **{f"kl/{k}": round(v, 4) for k, v in kl.items()}})
+        **{f"refusal_rate/{k}": v for k, v in summary.items()}, **{f"kl/{k}": round(v, 4) for k, v in kl.items()},
+        **{f"cross_entropy_change/{k}": round(v, 4) for k, v in cross_entropy.items()}})

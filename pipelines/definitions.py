@@ -8,7 +8,7 @@ import dagster as dg
 
 from assets.activations import activations
 from assets.behaviour import baseline_generations
-from assets.directions import refusal_directions
+from assets.directions import category_directions, refusal_directions
 from assets.interventions import intervention_effects, intervention_generations
 from assets.prompts import prompts
 from pipelines import paths
@@ -21,7 +21,15 @@ from pipelines.sensors import registry_sensor_for
 # that parameter beta, and the warning on every materialization says nothing a user can act on.
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*data_version.*")
 
-ASSETS = [prompts, activations, baseline_generations, refusal_directions, intervention_generations, intervention_effects]
+ASSETS = [
+    prompts,
+    activations,
+    baseline_generations,
+    refusal_directions,
+    category_directions,
+    intervention_generations,
+    intervention_effects,
+]
 
 study_job = dg.define_asset_job("study", selection=dg.AssetSelection.assets(*ASSETS), partitions_def=studies)
 

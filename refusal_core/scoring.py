@@ -56,3 +56,39 @@ def refusal_score(log_probs: Tensor, refusal_ids: Sequence[int]) -> Tensor:
 def kl_divergence(baseline: Tensor, changed: Tensor) -> Tensor:
     """KL(baseline || changed) of next-token distributions given as log-probabilities: [n]."""
     return (baseline.exp() * (baseline - changed)).sum(dim=-1)
+
+
+def completion_cross_entropy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    intervention: Intervention | None = None,
+    batch_size: int = 16,
+) -> Tensor:
+    """Mean cross-entropy (nats per token) of each completion given its chat-formatted prompt: [n].
+
+    Scoring the clean model's own completions with and without an intervention measures how much
+    the intervention damages ordinary answers (Arditi et al.'s CE loss on harmless text).
+    """
+    device = next(model.parameters()).device
+    losses: list[Tensor] = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [p + c for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
+        n_prompt = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[start:start + batch_size]]
+        inputs = tokenize_batch(tokenizer, texts, device)
+        with torch.inference_mode(), intervene(model, intervention):
+            logits = model(**inputs, use_cache=False).logits.float()  # [b, seq, vocab]
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        targets = inputs["input_ids"][:, 1:]  # [b, seq-1]
+        token_loss = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, seq-1]
+        lengths = inputs["attention_mask"].sum(dim=1)  # real tokens per row
+        seq = inputs["input_ids"].shape[1]
+        for row in range(len(texts)):
+            # Left padding: the completion's tokens are the last (length - n_prompt) tokens of the row.
+            n_completion = int(lengths[row]) - n_prompt[row]
+            if n_completion <= 0:
+                losses.append(torch.tensor(float("nan")))
+                continue
+            losses.append(token_loss[row, seq - 1 - n_completion:].mean().cpu())
+    return torch.stack(losses)

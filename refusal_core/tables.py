@@ -81,8 +81,22 @@ DIRECTION_CANDIDATES = pa.schema(
         _field("addition_refusal_score", pa.float64(), "Mean harmless val refusal score with it added.", True),
         _field("kl", pa.float64(), "Mean harmless val KL(clean || ablated) at the first answer token.", True),
         _field("passes_filters", pa.bool_(), "addition score > 0, KL <= 0.1 and not in the last 20% of layers.", True),
-        _field("selected", pa.bool_(), "The refusal direction of the study."),
+        _field("selected", pa.bool_(), "The refusal direction of the study (chosen by ablation and addition)."),
+        _field("selected_by_cosine", pa.bool_(), "The output-free choice: best cosine score in the eligible layers."),
         _field("direction", pa.list_(pa.float64()), "Harmful-minus-harmless mean activation, float64."),
+    ]
+)
+
+DIRECTIONS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("name", pa.string(), "refusal, harmfulness, over_refusal, or category:<harm category>."),
+        _field("layer_index", pa.int16(), "Layer the direction is read at (the selected refusal direction's)."),
+        _field("position", pa.int16(), "Position it is read at: the refusal position, or the instruction's last token for harmfulness."),
+        _field("token", pa.string(), "The token at that position."),
+        _field("n_prompts", pa.int32(), "Prompts averaged on the positive side (the negative side is harmless)."),
+        _field("cosine_with_refusal", pa.float64(), "Cosine with the selected refusal direction."),
+        _field("direction", pa.list_(pa.float64()), "Positive-minus-harmless mean activation, float64."),
     ]
 )
 
@@ -98,6 +112,8 @@ EFFECTS = pa.schema(
         _field("ci_high", pa.float64(), "Bootstrap 95% interval, upper end."),
         _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position."),
         _field("kl", pa.float64(), "Mean KL(baseline || intervened) at the first answer token.", True),
+        _field("cross_entropy_change", pa.float64(),
+               "Mean change in cross-entropy (nats/token) of the baseline's own answers under the intervention.", True),
     ]
 )
 

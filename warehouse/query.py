@@ -9,19 +9,22 @@ from importlib.resources import files
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
-from refusal_core.tables import ACTIVATIONS, DIRECTION_CANDIDATES, EFFECTS, GENERATIONS, LINEAGE, PROMPTS
+from refusal_core.tables import ACTIVATIONS, DIRECTION_CANDIDATES, DIRECTIONS, EFFECTS, GENERATIONS, LINEAGE, PROMPTS
 
 SCHEMAS = {
     "prompts": PROMPTS,
     "activations": ACTIVATIONS,
     "baseline_generations": GENERATIONS,
     "refusal_directions": DIRECTION_CANDIDATES,
+    "category_directions": DIRECTIONS,
     "intervention_generations": GENERATIONS,
     "intervention_effects": EFFECTS,
     "lineage": LINEAGE,
 }
-"""Every table of the warehouse; a view over a table with no file yet is empty but has its columns."""
+"""Every table of the warehouse; a view over a table with no file yet is empty but has its columns.
+Views in views.sql that are not named here are derived from the table views."""
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _VIEW = re.compile(r"CREATE VIEW (\w+) AS\s+(.*?);", re.S)
@@ -36,11 +39,16 @@ def connect(root: Path) -> Iterator[ReadOnlyWarehouse]:
         missing = set(SCHEMAS) - set(views)
         assert not missing, f"views.sql lacks views for {missing}"
         for name, body in views.items():
-            folder = root / name
-            if any(folder.glob("model=*/*.parquet")):
+            if name not in SCHEMAS:
+                continue
+            if any((root / name).glob("model=*/*.parquet")):
                 connection.execute(f"CREATE VIEW {name} AS " + body.replace("{root}", root.as_posix()))
             else:
-                connection.register(name, SCHEMAS[name].empty_table())
+                # The hive partition column `model` comes with the files; an empty view gets it too.
+                connection.register(name, SCHEMAS[name].append(pa.field("model", pa.string())).empty_table())
+        for name, body in views.items():
+            if name not in SCHEMAS:
+                connection.execute(f"CREATE VIEW {name} AS {body}")
         yield ReadOnlyWarehouse(connection)
     finally:
         connection.close()

@@ -8,9 +8,18 @@ CREATE VIEW lineage AS
     SELECT * FROM read_parquet('{root}/lineage/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW baseline_generations AS
     SELECT * FROM read_parquet('{root}/baseline_generations/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW category_directions AS
+    SELECT * FROM read_parquet('{root}/category_directions/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW intervention_generations AS
     SELECT * FROM read_parquet('{root}/intervention_generations/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW refusal_directions AS
     SELECT * FROM read_parquet('{root}/refusal_directions/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW intervention_effects AS
     SELECT * FROM read_parquet('{root}/intervention_effects/model=*/*.parquet', hive_partitioning = true);
+
+-- Derived views, over the table views above.
+CREATE VIEW direction_cosines AS
+    SELECT a.model, a.name AS direction_a, b.name AS direction_b,
+           list_cosine_similarity(a.direction, b.direction) AS cosine
+    FROM category_directions a JOIN category_directions b USING (model)
+    WHERE a.name < b.name;

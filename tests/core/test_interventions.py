@@ -4,7 +4,7 @@ import torch
 from refusal_core.activations import tokenize_batch
 from refusal_core.hooks import decoder_layers, record_residual
 from refusal_core.interventions import Ablate, Add, Compose, describe, intervene, project_out
-from refusal_core.scoring import kl_divergence, refusal_score
+from refusal_core.scoring import completion_cross_entropy, kl_divergence, refusal_score
 
 
 def _inputs(tokenizer):
@@ -80,3 +80,21 @@ def test_project_out_and_scores_on_planted_values():
     log_probs = torch.log(torch.tensor([[0.5, 0.25, 0.25], [0.1, 0.45, 0.45]]))
     assert torch.allclose(refusal_score(log_probs, [0]), torch.tensor([0.0, torch.log(torch.tensor(0.1 / 0.9))]))
     assert torch.allclose(kl_divergence(log_probs, log_probs), torch.zeros(2))
+
+
+def test_completion_cross_entropy_matches_a_direct_computation(qwen):
+    model, tokenizer = qwen
+    prompts = ["<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nList three colours please<|im_end|>\n<|im_start|>assistant\n"]
+    completions = ["Hello there", "Red, green and blue"]
+    batched = completion_cross_entropy(model, tokenizer, prompts, completions, batch_size=2)
+    for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+        ids = tokenizer(prompt + completion, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        with torch.no_grad():
+            logits = model(ids).logits[0, :-1]
+        expected = torch.nn.functional.cross_entropy(logits[n_prompt - 1:], ids[0, n_prompt:])
+        assert torch.allclose(batched[index], expected, atol=1e-4)
+    with torch.no_grad():
+        ablated = completion_cross_entropy(model, tokenizer, prompts, completions, Ablate(torch.randn(64)), batch_size=2)
+    assert not torch.allclose(ablated, batched)

@@ -64,6 +64,13 @@ def _check_direction_tables(warehouse, key):
     assert len(selected) == 1 and selected[0]["evaluated"] and len(selected[0]["direction"]) == 64
     assert selected[0]["layer_index"] < 3 * 0.8
     assert candidates["evaluated"].to_pylist().count(True) == 2
+    assert sum(candidates["selected_by_cosine"].to_pylist()) == 1
+    directions = read("category_directions").to_pylist()
+    names = {row["name"] for row in directions}
+    assert {"refusal", "harmfulness", "over_refusal"} <= names
+    harmfulness = next(row for row in directions if row["name"] == "harmfulness")
+    assert harmfulness["token"] == "[instruction]" and harmfulness["position"] < selected[0]["position"]
+    assert all(-1 <= row["cosine_with_refusal"] <= 1 + 1e-9 for row in directions)
     baseline = read("baseline_generations")
     assert set(baseline["label"].to_pylist()) == {"harmful", "harmless", "over_refusal"}
     assert set(baseline["intervention_kind"].to_pylist()) == {"none"} and set(baseline["max_new_tokens"].to_pylist()) == {6}
@@ -75,6 +82,7 @@ def _check_direction_tables(warehouse, key):
     for row in effects:
         assert 0 <= row["ci_low"] <= row["refusal_rate"] <= row["ci_high"] <= 1
         assert (row["kl"] is not None) == (row["eval_set"] == "harmless")
+        assert (row["cross_entropy_change"] is not None) == (row["eval_set"] == "harmless")
     assert all(r["kl"] == 0.0 for r in effects if r["intervention_kind"] == "none" and r["eval_set"] == "harmless")
 
 

@@ -35,3 +35,5 @@ def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypa
     assert main(["sql", "SELECT DISTINCT layer_index FROM activations ORDER BY 1", "--out", str(out)]) == 0
     assert out.read_text().split() == ["layer_index", "0", "1", "2"]
     assert main(["sql", "DROP VIEW prompts"]) == 2
+    assert main(["sql", "SELECT direction_a, direction_b, round(cosine, 6) AS c FROM direction_cosines ORDER BY ALL"]) == 0
+    assert "harmfulness" in capsys.readouterr().out

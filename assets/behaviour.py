@@ -22,6 +22,7 @@ def baseline_generations(context: dg.AssetExecutionContext, study: StudyResource
     table = judged_generations(
         loaded.model, loaded.tokenizer, texts, chosen["prompt_id"].to_pylist(), chosen["label"].to_pylist(),
         loaded.study.key, refusal_token_ids(loaded.tokenizer), None, settings.max_new_tokens, settings.batch_size,
+        study.classifier(loaded.study.key), chosen["text"].to_pylist(),
     )
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts), "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"max_new_tokens": settings.max_new_tokens,

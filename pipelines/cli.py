@@ -28,9 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     sql = commands.add_parser("sql", help="Run a read-only SQL query over the warehouse views.")
     sql.add_argument("query")
     sql.add_argument("--out", type=Path, help="Write the result to a .csv or .parquet file instead of printing it.")
+    query = commands.add_parser("query", help="Run a named query (leave NAME out to list them).")
+    query.add_argument("name", nargs="?")
+    query.add_argument("--out", type=Path, help="Write the result to a .csv or .parquet file instead of printing it.")
     args = parser.parse_args(argv)
     try:
-        return {"run": _run, "studies": _studies, "sql": _sql, "generate": _generate}[args.command](args)
+        return {"run": _run, "studies": _studies, "sql": _sql, "generate": _generate,
+                "query": _query}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"refusal-sae: {error}", file=sys.stderr)
         return 2
@@ -119,16 +123,28 @@ def _studies(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query(args: argparse.Namespace) -> int:
+    from warehouse.query import named_queries, named_query
+
+    if args.name is None:
+        for name, (description, _) in sorted(named_queries().items()):
+            print(f"  {name:22} {description}")
+        return 0
+    return _show(named_query(args.name), args.out)
+
+
 def _sql(args: argparse.Namespace) -> int:
+    return _show(args.query, args.out)
+
+
+def _show(sql: str, out: Path | None) -> int:
     from warehouse.query import connect, write_result
 
     with connect(paths.warehouse_root()) as connection:
-        relation = connection.sql(args.query)
-        if relation is None:
-            raise ValueError("The statement returned no rows; only queries (SELECT, DESCRIBE, SHOW) are allowed.")
-        if args.out:
-            write_result(relation, args.out)
-            print(f"Wrote {args.out}")
+        relation = connection.sql(sql)
+        if out:
+            write_result(relation, out)
+            print(f"Wrote {out}")
         else:
             relation.show(max_width=200, max_rows=100)
     return 0

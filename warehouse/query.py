@@ -72,6 +72,23 @@ class ReadOnlyWarehouse:
         return self._connection.sql(query)
 
 
+_NAMED = re.compile(r"-- name: (\w+)\n-- (.*?)\n(.*?);", re.S)
+
+
+def named_queries() -> dict[str, tuple[str, str]]:
+    """Name to (description, SQL) of every query in queries.sql."""
+    text = files("warehouse").joinpath("queries.sql").read_text()
+    return {name: (description, sql.strip()) for name, description, sql in _NAMED.findall(text)}
+
+
+def named_query(name: str) -> str:
+    """The SQL of a named query, or a ValueError listing the names."""
+    queries = named_queries()
+    if name not in queries:
+        raise ValueError(f"No query named {name!r}; the named queries are: {', '.join(sorted(queries))}.")
+    return queries[name][1]
+
+
 def write_result(relation: duckdb.DuckDBPyRelation, path: Path) -> None:
     """Save a query result as CSV or Parquet, by the file's suffix."""
     if path.suffix == ".csv":

@@ -1,7 +1,9 @@
 import pytest
 
 from pipelines.cli import main
-from warehouse.query import connect
+import pyarrow.parquet as pq
+
+from warehouse.query import connect, named_queries
 
 
 def test_views_are_empty_but_typed_before_anything_is_materialized(tmp_path):
@@ -37,3 +39,10 @@ def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypa
     assert main(["sql", "DROP VIEW prompts"]) == 2
     assert main(["sql", "SELECT direction_a, direction_b, round(cosine, 6) AS c FROM direction_cosines ORDER BY ALL"]) == 0
     assert "harmfulness" in capsys.readouterr().out
+    for name in named_queries():
+        assert main(["query", name, "--out", str(tmp_path / f"{name}.parquet")]) == 0, name
+    main_table = pq.read_table(tmp_path / "main_table.parquet").to_pylist()
+    assert {(r["eval_set"], r["method"]) for r in main_table} >= {("harmful", "none"), ("harmful", "ablate"), ("harmless", "add")}
+    assert pq.read_table(tmp_path / "cross_study.parquet").column("model").to_pylist() == ["tiny-qwen2"]
+    assert main(["query", "nope"]) == 2
+    assert "No query named 'nope'; the named queries are: category_cosines" in capsys.readouterr().err

@@ -1,0 +1,50 @@
+-- Named queries: `refusal-sae query NAME`. Each starts with a "-- name:" line and a one-line description.
+
+-- name: main_table
+-- Refusal rate per intervention and eval set, by judge, with bootstrap 95% intervals (the paper's main table).
+SELECT model, eval_set, intervention_kind AS method, judge, n_prompts,
+       round(refusal_rate, 3) AS refusal_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
+       round(mean_refusal_score, 2) AS mean_refusal_score, round(kl, 4) AS kl,
+       round(cross_entropy_change, 4) AS cross_entropy_change
+FROM intervention_effects
+ORDER BY model, judge, eval_set, method;
+
+-- name: direction_selection
+-- Every evaluated refusal-direction candidate with its selection metrics, best first.
+SELECT model, layer_index, position, token, round(norm, 2) AS norm, round(cosine_score, 4) AS cosine_score,
+       round(ablation_refusal_score, 3) AS ablation_refusal_score,
+       round(addition_refusal_score, 3) AS addition_refusal_score, round(kl, 4) AS kl,
+       passes_filters, selected, selected_by_cosine
+FROM refusal_directions
+WHERE evaluated
+ORDER BY model, selected DESC, passes_filters DESC, ablation_refusal_score;
+
+-- name: category_cosines
+-- Pairwise cosines between the refusal, harmfulness, over-refusal and per-category directions.
+SELECT model, direction_a, direction_b, round(cosine, 3) AS cosine
+FROM direction_cosines
+ORDER BY model, direction_a, direction_b;
+
+-- name: judge_disagreements
+-- Answers on which the judges disagree, to read and settle by eye.
+SELECT g.model, g.label, g.intervention_kind, g.refused_substring, g.refused_score, g.refused_classifier,
+       round(g.refusal_score, 2) AS refusal_score, left(p.text, 80) AS prompt, left(g.completion, 120) AS completion
+FROM (SELECT * FROM baseline_generations UNION ALL BY NAME SELECT * FROM intervention_generations) g
+JOIN prompts p USING (model, prompt_id)
+WHERE g.judges_disagree
+ORDER BY g.model, g.label, g.intervention_kind;
+
+-- name: cross_study
+-- All studies side by side: baseline and intervened refusal rates by substring, and the selected direction.
+SELECT e.model,
+       max(CASE WHEN e.eval_set = 'harmful' AND e.intervention_kind = 'none' THEN round(e.refusal_rate, 3) END) AS harmful_baseline,
+       max(CASE WHEN e.eval_set = 'harmful' AND e.intervention_kind = 'ablate' THEN round(e.refusal_rate, 3) END) AS harmful_ablated,
+       max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'none' THEN round(e.refusal_rate, 3) END) AS harmless_baseline,
+       max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'add' THEN round(e.refusal_rate, 3) END) AS harmless_added,
+       max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'ablate' THEN round(e.kl, 4) END) AS kl_ablated,
+       any_value(d.layer_index) AS direction_layer, any_value(d.token) AS direction_token
+FROM intervention_effects e
+LEFT JOIN (SELECT * FROM refusal_directions WHERE selected) d USING (model)
+WHERE e.judge = 'substring'
+GROUP BY e.model
+ORDER BY e.model;

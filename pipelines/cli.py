@@ -31,10 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     query = commands.add_parser("query", help="Run a named query (leave NAME out to list them).")
     query.add_argument("name", nargs="?")
     query.add_argument("--out", type=Path, help="Write the result to a .csv or .parquet file instead of printing it.")
+    lineage = commands.add_parser("lineage", help="Print where a table came from, back to the weights and code.")
+    lineage.add_argument("target", help="Asset name (e.g. intervention_effects) or path of one of its Parquet files.")
+    lineage.add_argument("--study", help="Study key, when the warehouse holds several.")
     args = parser.parse_args(argv)
     try:
         return {"run": _run, "studies": _studies, "sql": _sql, "generate": _generate,
-                "query": _query}[args.command](args)
+                "query": _query, "lineage": _lineage}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"refusal-sae: {error}", file=sys.stderr)
         return 2
@@ -131,6 +134,16 @@ def _query(args: argparse.Namespace) -> int:
             print(f"  {name:22} {description}")
         return 0
     return _show(named_query(args.name), args.out)
+
+
+def _lineage(args: argparse.Namespace) -> int:
+    from warehouse.lineage import lineage_tree, resolve
+
+    root = paths.warehouse_root()
+    artifact, study = resolve(root, args.target, args.study)
+    print(f"study {study}")
+    print("\n".join(lineage_tree(root, artifact, study)))
+    return 0
 
 
 def _sql(args: argparse.Namespace) -> int:

@@ -44,5 +44,14 @@ def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypa
     main_table = pq.read_table(tmp_path / "main_table.parquet").to_pylist()
     assert {(r["eval_set"], r["method"]) for r in main_table} >= {("harmful", "none"), ("harmful", "ablate"), ("harmless", "add")}
     assert pq.read_table(tmp_path / "cross_study.parquet").column("model").to_pylist() == ["tiny-qwen2"]
+    assert main(["lineage", "intervention_effects"]) == 0
+    tree = capsys.readouterr().out
+    assert tree.count("prompts  sha256") >= 4 and "activations  sha256" in tree and "weights: local:" in tree
+    assert "STALE" not in tree
+    path = warehouse / "refusal_directions" / "model=tiny-qwen2" / "data.parquet"
+    assert main(["lineage", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("refusal_directions  sha256")
+    assert main(["lineage", "nope"]) == 2
+    assert "No lineage for 'nope' of study 'tiny-qwen2'" in capsys.readouterr().err
     assert main(["query", "nope"]) == 2
     assert "No query named 'nope'; the named queries are: category_cosines" in capsys.readouterr().err

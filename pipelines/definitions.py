@@ -9,6 +9,7 @@ import dagster as dg
 from assets.activations import activations
 from assets.behaviour import baseline_generations
 from assets.directions import category_directions, refusal_directions
+from assets.figures import figures
 from assets.interventions import intervention_effects, intervention_generations
 from assets.prompts import prompts
 from pipelines import paths
@@ -29,6 +30,7 @@ ASSETS = [
     category_directions,
     intervention_generations,
     intervention_effects,
+    figures,
 ]
 
 study_job = dg.define_asset_job("study", selection=dg.AssetSelection.assets(*ASSETS), partitions_def=studies)

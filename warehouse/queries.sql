@@ -48,3 +48,9 @@ LEFT JOIN (SELECT * FROM refusal_directions WHERE selected) d USING (model)
 WHERE e.judge = 'substring'
 GROUP BY e.model
 ORDER BY e.model;
+
+-- name: direction_selection_all
+-- Every refusal-direction candidate (evaluated or not), for the selection heat map.
+SELECT model, layer_index, position, token, cosine_score, evaluated, selected
+FROM refusal_directions
+ORDER BY model, layer_index, position;

@@ -60,7 +60,7 @@ class ReadOnlyWarehouse:
     def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
         self._connection = connection
 
-    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+    def sql(self, query: str, params: list | None = None) -> duckdb.DuckDBPyRelation:
         statements = self._connection.extract_statements(query)
         if len(statements) != 1:
             raise ValueError(f"Give exactly one SQL statement, not {len(statements)}.")
@@ -69,7 +69,11 @@ class ReadOnlyWarehouse:
                 f"The warehouse is read-only: {statements[0].type.name} statements are refused; use SELECT "
                 "(and --out FILE to save a result)."
             )
-        return self._connection.sql(query)
+        return self._connection.sql(query, params=params)
+
+    def rows(self, query: str, study: str) -> list[dict]:
+        """The rows of `query` for one study (its `model` column), as dicts."""
+        return self.sql(f"SELECT * FROM ({query}) WHERE model = ?", [study]).to_arrow_table().to_pylist()
 
 
 _NAMED = re.compile(r"-- name: (\w+)\n-- (.*?)\n(.*?);", re.S)

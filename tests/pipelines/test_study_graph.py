@@ -55,6 +55,10 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert event.asset_materialization.metadata["dagster/row_count"].value == activations.num_rows
         assert not list((warehouse / ".staging").iterdir())
         _check_direction_tables(warehouse, key)
+        pngs = sorted(p.name for p in (warehouse / "figures" / f"model={key}").glob("*.png"))
+        assert pngs == ["category_cosines.png", "direction_selection.png", "refusal_by_intervention.png"]
+        figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization
+        assert figure_event.metadata["refusal_by_intervention"].value.startswith("![refusal_by_intervention](data:image/png;base64,")
 
 
 def _check_direction_tables(warehouse, key):

@@ -1,0 +1,33 @@
+"""Figures of a study, drawn only from the warehouse's named queries."""
+
+import base64
+from pathlib import Path
+
+import dagster as dg
+
+from assets.directions import category_directions, refusal_directions
+from assets.interventions import intervention_effects
+from pipelines.partitions import studies
+from pipelines.resources import StudyResource
+from warehouse.figures import FIGURES, save
+from warehouse.query import connect, named_query
+
+
+@dg.asset(partitions_def=studies, group_name="report", kinds={"png"},
+          deps=[intervention_effects, refusal_directions, category_directions])
+def figures(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
+    """PNG figures (refusal by intervention, direction selection, direction cosines) made from named queries."""
+    key = context.partition_key
+    root = Path(study.warehouse_root)
+    metadata = {}
+    with connect(root) as warehouse:
+        for name, (query, draw) in FIGURES.items():
+            rows = warehouse.rows(named_query(query), key)
+            if not rows:
+                context.log.warning("Query %s has no rows for %s; figure %s skipped.", query, key, name)
+                continue
+            path = save(draw(rows, key), root / "figures" / f"model={key}" / f"{name}.png")
+            encoded = base64.b64encode(path.read_bytes()).decode()
+            metadata[name] = dg.MetadataValue.md(f"![{name}](data:image/png;base64,{encoded})")
+            metadata[f"{name}_path"] = dg.MetadataValue.path(str(path))
+    return dg.MaterializeResult(metadata=metadata)

@@ -1,0 +1,99 @@
+"""Figures drawn from named-query results (lists of row dicts), saved as print-quality PNGs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 200
+
+
+def refusal_by_intervention(rows: list[dict], study: str):
+    """Grouped bars: refusal rate per eval set and method (substring judge), with 95% intervals."""
+    rows = [r for r in rows if r["judge"] == "substring"]
+    sets = sorted({r["eval_set"] for r in rows})
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "none", m))
+    figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    width = 0.8 / max(1, len(methods))
+    for k, method in enumerate(methods):
+        found = {r["eval_set"]: r for r in rows if r["method"] == method}
+        x = [i + k * width for i, s in enumerate(sets) if s in found]
+        rate = [found[s]["refusal_rate"] for s in sets if s in found]
+        low = [found[s]["refusal_rate"] - found[s]["ci_low"] for s in sets if s in found]
+        high = [found[s]["ci_high"] - found[s]["refusal_rate"] for s in sets if s in found]
+        axis.bar(x, rate, width, yerr=[low, high], capsize=3, label=method)
+    axis.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(sets))], sets)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("refusal rate (substring judge)")
+    axis.set_xlabel("eval set")
+    axis.set_title(f"Refusal by intervention, {study} (95% bootstrap intervals)")
+    axis.legend(title="method", frameon=False)
+    return figure
+
+
+def direction_selection(rows: list[dict], study: str):
+    """Heat map of the output-free cosine score over layer x position, evaluated candidates marked."""
+    layers = sorted({r["layer_index"] for r in rows})
+    positions = sorted({r["position"] for r in rows})
+    grid = np.full((len(positions), len(layers)), np.nan)
+    for r in rows:
+        grid[positions.index(r["position"]), layers.index(r["layer_index"])] = r["cosine_score"]
+    figure, axis = plt.subplots(figsize=(7.2, 3.2))
+    image = axis.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    figure.colorbar(image, ax=axis, label="cosine score")
+    tokens = {r["position"]: r["token"] for r in rows}
+    axis.set_yticks(range(len(positions)), [f"{p} {tokens[p]!r}" for p in positions])
+    axis.set_xticks(range(len(layers)), layers, fontsize=7)
+    for r in rows:
+        if r["evaluated"]:
+            marker = "*" if r["selected"] else "o"
+            axis.plot(layers.index(r["layer_index"]), positions.index(r["position"]), marker,
+                      color="red" if r["selected"] else "white", markersize=10 if r["selected"] else 4)
+    axis.set_xlabel("layer")
+    axis.set_ylabel("position (token)")
+    axis.set_title(f"Refusal-direction candidates, {study} (o evaluated, * selected)")
+    return figure
+
+
+def category_cosines(rows: list[dict], study: str):
+    """Matrix of pairwise cosines between the study's directions."""
+    names = sorted({r["direction_a"] for r in rows} | {r["direction_b"] for r in rows})
+    matrix = np.eye(len(names))
+    for r in rows:
+        i, j = names.index(r["direction_a"]), names.index(r["direction_b"])
+        matrix[i, j] = matrix[j, i] = r["cosine"]
+    figure, axis = plt.subplots(figsize=(1.2 + 0.7 * len(names), 0.8 + 0.6 * len(names)))
+    image = axis.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r")
+    figure.colorbar(image, ax=axis, label="cosine")
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    axis.set_yticks(range(len(names)), names, fontsize=7)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            axis.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6)
+    axis.set_title(f"Direction cosines, {study}")
+    return figure
+
+
+FIGURES: dict[str, tuple[str, Callable]] = {
+    "refusal_by_intervention": ("main_table", refusal_by_intervention),
+    "direction_selection": ("direction_selection_all", direction_selection),
+    "category_cosines": ("category_cosines", category_cosines),
+}
+"""Figure name to (named query it is drawn from, drawing function)."""
+
+
+def save(figure, path: Path) -> Path:
+    """Write a figure as PNG atomically and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp.png")
+    figure.tight_layout()
+    figure.savefig(temporary, dpi=DPI)
+    plt.close(figure)
+    temporary.replace(path)
+    return path

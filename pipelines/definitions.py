@@ -12,6 +12,7 @@ from assets.directions import category_directions, refusal_directions
 from assets.figures import figures
 from assets.interventions import intervention_effects, intervention_generations
 from assets.prompts import prompts
+from assets.report import report
 from pipelines import paths
 from pipelines.io_manager import ParquetIOManager
 from pipelines.partitions import studies
@@ -31,6 +32,7 @@ ASSETS = [
     intervention_generations,
     intervention_effects,
     figures,
+    report,
 ]
 
 study_job = dg.define_asset_job("study", selection=dg.AssetSelection.assets(*ASSETS), partitions_def=studies)

@@ -59,6 +59,31 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert pngs == ["category_cosines.png", "direction_selection.png", "refusal_by_intervention.png"]
         figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization
         assert figure_event.metadata["refusal_by_intervention"].value.startswith("![refusal_by_intervention](data:image/png;base64,")
+        _check_report(warehouse / "report" / f"model={key}" / "index.html", key)
+
+
+def _check_report(path, key):
+    from html.parser import HTMLParser
+
+    class Collect(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.ids, self.images, self.text = set(), 0, []
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.ids.add(attrs.get("id"))
+            self.images += tag == "img" and attrs.get("src", "").startswith("data:image/png;base64,")
+
+        def handle_data(self, data):
+            self.text.append(data)
+
+    page = Collect()
+    page.feed(path.read_text())
+    assert {"refusal_by_intervention", "direction_selection", "category_cosines", "table-main_table", "lineage"} <= page.ids
+    assert page.images == 3
+    text = "".join(page.text)
+    assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
 
 
 def _check_direction_tables(warehouse, key):

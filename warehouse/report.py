@@ -1,0 +1,44 @@
+"""A static HTML report of a study: its figures, its main tables and the lineage of each table."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+REPORT_TABLES = ("main_table", "direction_selection", "category_cosines")
+"""Named queries shown as tables in the report."""
+
+
+def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[dict]], lineage: list[str]) -> str:
+    """The report page: figures inlined as PNG data, tables as HTML tables, the lineage as text."""
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>refusal-sae report: {html.escape(study)}</title>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;font-size:0.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}</style>",
+        f"</head><body><h1>Refusal study: {html.escape(study)}</h1>",
+    ]
+    for name, path in figures.items():
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        parts.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{encoded}'>"
+                     f"<figcaption>{html.escape(name.replace('_', ' '))}</figcaption></figure>")
+    for name, rows in tables.items():
+        parts.append(f"<h2 id='table-{name}'>{html.escape(name.replace('_', ' '))}</h2>")
+        parts.append(_table(rows))
+    parts.append("<h2 id='lineage'>Lineage</h2><pre>" + html.escape("\n".join(lineage)) + "</pre></body></html>")
+    return "\n".join(parts)
+
+
+def _table(rows: list[dict]) -> str:
+    if not rows:
+        return "<p>(no rows)</p>"
+    columns = [c for c in rows[0] if c != "model"]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in columns) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value: object) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -7,6 +7,7 @@ import dagster as dg
 from assets.figures import figures
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
+from refusal_core.lineage import code_version
 from warehouse.lineage import lineage_tree
 from warehouse.query import connect, named_query
 from warehouse.report import REPORT_TABLES, render_report
@@ -26,5 +27,7 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     temporary = path.with_suffix(".tmp")
     temporary.write_text(page, encoding="utf-8")
     temporary.replace(path)
-    return dg.MaterializeResult(metadata={"path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs),
-                                          "url": dg.MetadataValue.url(path.as_uri())})
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(path.as_uri()),
+        # What the schedule compares to decide whether the study is stale.
+        "study_sha256": study.study(key).fingerprint(), "code_version": code_version()})

@@ -67,9 +67,11 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     root = paths.warehouse_root()
     print(f"\nStudy {key!r} done in {time.perf_counter() - started:.0f} s.")
+    print(f"  Report:         {root}/report/model={key}/index.html")
+    print(f"  Figures:        {root}/figures/model={key}/")
     print(f"  Parquet tables: {root}/<table>/model={key}/data.parquet")
-    print(f"  Lineage:        {root}/lineage/model={key}/")
-    print(f"  Try:            refusal-sae sql \"SELECT label, split, count(*) AS n FROM prompts GROUP BY ALL ORDER BY ALL\"")
+    print(f"  Lineage:        refusal-sae lineage intervention_effects --study {key}")
+    print("  Try:            refusal-sae query main_table")
     return 0
 
 

@@ -17,6 +17,7 @@ from pipelines import paths
 from pipelines.io_manager import ParquetIOManager
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
+from pipelines.schedules import stale_studies_schedule
 from pipelines.sensors import registry_sensor_for
 
 # Output(data_version=...) is how each table's content hash becomes its data version; Dagster marks
@@ -50,6 +51,7 @@ def build_definitions(
         assets=ASSETS,
         jobs=[study_job],
         sensors=[registry_sensor_for(study_job.name)],
+        schedules=[stale_studies_schedule(study_job.name)],
         resources={
             "study": StudyResource(
                 registry_path=registry_path or str(paths.registry_path()),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
@@ -129,6 +130,10 @@ class Study(_Strict):
     network: bool = Field(default=False, description="Needs the Hugging Face hub (and usually a GPU).")
     saes: SaeSpec = Field(default_factory=SaeSpec)
     settings: Settings = Field(default_factory=Settings)
+
+    def fingerprint(self) -> str:
+        """sha256 of the whole entry: it changes whenever anything that defines the study changes."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
 
     @field_validator("key")
     @classmethod

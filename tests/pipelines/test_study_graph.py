@@ -127,6 +127,22 @@ def test_rematerializing_unchanged_inputs_gives_the_same_data_version_and_bytes(
         assert path.read_bytes() == first_bytes
 
 
+def test_schedule_reruns_only_studies_whose_entry_changed(tiny_registry, warehouse):
+    defs = build_definitions(str(tiny_registry), str(warehouse), str(warehouse.parent / "cache"), "cpu")
+    schedule = defs.resolve_schedule_def("stale_studies")
+    with dg.instance_for_test() as instance:
+        assert _materialize(tiny_registry, warehouse, "tiny-qwen2", instance).success
+        tick = schedule(dg.build_schedule_context(instance=instance, resources=defs.resources))
+        assert [r.partition_key for r in tick] == ["tiny-gemma2"]  # never run
+        instance.add_dynamic_partitions(studies.name, ["tiny-gemma2"])
+        assert _materialize(tiny_registry, warehouse, "tiny-gemma2", instance).success
+        unchanged = schedule(dg.build_schedule_context(instance=instance, resources=defs.resources))
+        assert isinstance(unchanged, dg.SkipReason)
+        tiny_registry.write_text(tiny_registry.read_text().replace("max_new_tokens = 6", "max_new_tokens = 5", 1))
+        changed = schedule(dg.build_schedule_context(instance=instance, resources=defs.resources))
+        assert [r.partition_key for r in changed] == ["tiny-qwen2"]
+
+
 def test_layer_out_of_range_fails_the_step_and_writes_nothing(tiny_registry, warehouse):
     text = tiny_registry.read_text().replace("batch_size = 4", "batch_size = 4\nlayers = [0, 7]", 1)
     tiny_registry.write_text(text)

@@ -48,7 +48,7 @@ def direction_selection(rows: list[dict], study: str):
     image = axis.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
     figure.colorbar(image, ax=axis, label="cosine score")
     tokens = {r["position"]: r["token"] for r in rows}
-    axis.set_yticks(range(len(positions)), [f"{p} {tokens[p]!r}" for p in positions])
+    axis.set_yticks(range(len(positions)), [f"{p} {_readable(tokens[p])}" for p in positions])
     axis.set_xticks(range(len(layers)), layers, fontsize=7)
     for r in rows:
         if r["evaluated"]:
@@ -78,6 +78,11 @@ def category_cosines(rows: list[dict], study: str):
             axis.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6)
     axis.set_title(f"Direction cosines, {study}")
     return figure
+
+
+def _readable(token: str) -> str:
+    """A byte-level BPE token as a person reads it: newline and space markers spelled out."""
+    return repr(token.replace("Ċ", "\n").replace("Ġ", " "))
 
 
 FIGURES: dict[str, tuple[str, Callable]] = {

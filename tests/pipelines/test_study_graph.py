@@ -130,17 +130,19 @@ def test_rematerializing_unchanged_inputs_gives_the_same_data_version_and_bytes(
 def test_schedule_reruns_only_studies_whose_entry_changed(tiny_registry, warehouse):
     defs = build_definitions(str(tiny_registry), str(warehouse), str(warehouse.parent / "cache"), "cpu")
     schedule = defs.resolve_schedule_def("stale_studies")
+
+    def tick(instance):
+        with dg.build_schedule_context(instance=instance, resources=defs.resources) as context:
+            return schedule(context)
+
     with dg.instance_for_test() as instance:
         assert _materialize(tiny_registry, warehouse, "tiny-qwen2", instance).success
-        tick = schedule(dg.build_schedule_context(instance=instance, resources=defs.resources))
-        assert [r.partition_key for r in tick] == ["tiny-gemma2"]  # never run
+        assert [r.partition_key for r in tick(instance)] == ["tiny-gemma2"]  # never run
         instance.add_dynamic_partitions(studies.name, ["tiny-gemma2"])
         assert _materialize(tiny_registry, warehouse, "tiny-gemma2", instance).success
-        unchanged = schedule(dg.build_schedule_context(instance=instance, resources=defs.resources))
-        assert isinstance(unchanged, dg.SkipReason)
+        assert isinstance(tick(instance), dg.SkipReason)
         tiny_registry.write_text(tiny_registry.read_text().replace("max_new_tokens = 6", "max_new_tokens = 5", 1))
-        changed = schedule(dg.build_schedule_context(instance=instance, resources=defs.resources))
-        assert [r.partition_key for r in changed] == ["tiny-qwen2"]
+        assert [r.partition_key for r in tick(instance)] == ["tiny-qwen2"]
 
 
 def test_layer_out_of_range_fails_the_step_and_writes_nothing(tiny_registry, warehouse):
@@ -161,11 +163,13 @@ def test_sensor_registers_every_study_and_launches_only_later_ones(tiny_registry
     defs = build_definitions(str(tiny_registry), str(warehouse), str(warehouse.parent / "cache"), "cpu")
     sensor = defs.resolve_sensor_def("study_registry")
     with dg.instance_for_test() as instance:
-        first = sensor(dg.build_sensor_context(instance=instance, resources=defs.resources))
+        with dg.build_sensor_context(instance=instance, resources=defs.resources) as context:
+            first = sensor(context)
         assert first.run_requests == []
         assert set(first.dynamic_partitions_requests[0].partition_keys) == {"tiny-qwen2", "tiny-gemma2"}
         instance.add_dynamic_partitions(studies.name, ["tiny-qwen2", "tiny-gemma2"])
         tiny_registry.write_text(tiny_registry.read_text() + '\n[studies."tiny-new".weights]\nkind = "local"\npath = "."\n')
-        later = sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=defs.resources))
+        with dg.build_sensor_context(instance=instance, cursor=first.cursor, resources=defs.resources) as context:
+            later = sensor(context)
         assert [r.partition_key for r in later.run_requests] == ["tiny-new"]
         assert later.dynamic_partitions_requests[0].partition_keys == ["tiny-new"]

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import duckdb
+
 from pipelines import paths
 
 
@@ -38,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": _run, "studies": _studies, "sql": _sql, "generate": _generate,
                 "query": _query, "lineage": _lineage}[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"refusal-sae: {error}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, duckdb.Error) as error:
+        print(f"refusal-sae: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
 
 

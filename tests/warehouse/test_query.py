@@ -53,5 +53,7 @@ def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypa
     assert capsys.readouterr().out.splitlines()[1].startswith("refusal_directions  sha256")
     assert main(["lineage", "nope"]) == 2
     assert "No lineage for 'nope' of study 'tiny-qwen2'" in capsys.readouterr().err
+    assert main(["sql", "SELECT no_such_column FROM prompts"]) == 2
+    assert "no_such_column" in capsys.readouterr().err
     assert main(["query", "nope"]) == 2
     assert "No query named 'nope'; the named queries are: category_cosines" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from assets.figures import figures
 from assets.interventions import intervention_effects, intervention_generations
 from assets.prompts import prompts
 from assets.report import report
+from assets.saes import saes
 from pipelines import paths
 from pipelines.io_manager import ParquetIOManager
 from pipelines.partitions import studies
@@ -32,6 +33,7 @@ ASSETS = [
     category_directions,
     intervention_generations,
     intervention_effects,
+    saes,
     figures,
     report,
 ]

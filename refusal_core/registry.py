@@ -59,6 +59,10 @@ class SaeSpec(_Strict):
     width: int = Field(default=4096, description="Latents per SAE (kind = train).")
     architecture: Literal["topk", "standard"] = Field(default="topk", description="SAE type (kind = train).")
     k: int = Field(default=32, description="Active latents per token for TopK SAEs.")
+    training_tokens: int = Field(
+        default=150_000, gt=0, description="Samples seen per layer in training (epochs over the collected tokens)."
+    )
+    learning_rate: float = Field(default=5e-4, gt=0, description="Adam learning rate (kind = train).")
     l0_target: float | None = Field(default=None, description="Pick the pretrained SAE whose L0 is closest.")
 
 

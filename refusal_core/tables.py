@@ -101,6 +101,25 @@ DIRECTIONS = pa.schema(
     ]
 )
 
+SAE_QUALITY = pa.schema(
+    [
+        MODEL_KEY,
+        _field("layer_index", pa.int16(), "Layer whose residual stream (block output) the SAE reads."),
+        _field("sae_source", pa.string(), "pretrained:RELEASE/ID@REVISION, local:FOLDER, or trained:FOLDER."),
+        _field("sae_id", pa.string(), "The SAE id actually used (chosen by L0 for pretrained releases)."),
+        _field("sae_sha256", pa.string(), "sha256 of the SAE's weights."),
+        _field("width", pa.int32(), "Number of latents."),
+        _field("explained_variance", pa.float64(), "1 - squared reconstruction error / variance, on held-out text."),
+        _field("mean_l0", pa.float64(), "Mean active latents per token."),
+        _field("dead_fraction", pa.float64(), "Fraction of latents never active on the held-out text."),
+        _field("ce_clean", pa.float64(), "Next-token cross-entropy of the unmodified model (nats)."),
+        _field("ce_spliced", pa.float64(), "The same with the SAE reconstruction spliced in at this layer."),
+        _field("ce_zero_ablation", pa.float64(), "The same with this layer's output replaced by zeros."),
+        _field("ce_loss_recovered", pa.float64(), "(zero - spliced) / (zero - clean): 1 is perfect."),
+        _field("n_tokens", pa.int64(), "Held-out tokens the statistics are over."),
+    ]
+)
+
 EFFECTS = pa.schema(
     [
         MODEL_KEY,

@@ -56,9 +56,21 @@ max_new_tokens = 6
 """
 
 
+SMALL_SAES = """
+[studies."{key}".saes]
+kind = "train"
+layers = [1]
+width = 96
+k = 8
+training_tokens = 4000
+learning_rate = 0.01
+"""
+
+
 def local_entry(key: str, folder: Path) -> str:
-    """Registry body for a local-folder study with small settings."""
-    return f'[studies."{key}".weights]\nkind = "local"\npath = "{folder}"\n' + SMALL_SETTINGS.format(key=key)
+    """Registry body for a local-folder study with small settings and one small trained SAE."""
+    body = f'[studies."{key}".weights]\nkind = "local"\npath = "{folder}"\n'
+    return body + SMALL_SETTINGS.format(key=key) + SMALL_SAES.format(key=key)
 
 
 @pytest.fixture

@@ -54,3 +54,11 @@ ORDER BY e.model;
 SELECT model, layer_index, position, token, cosine_score, evaluated, selected
 FROM refusal_directions
 ORDER BY model, layer_index, position;
+
+-- name: sae_quality
+-- Each SAE's reconstruction quality on held-out prompts, per layer.
+SELECT model, layer_index, sae_source, width, round(explained_variance, 3) AS explained_variance,
+       round(mean_l0, 1) AS mean_l0, round(dead_fraction, 3) AS dead_fraction,
+       round(ce_loss_recovered, 3) AS ce_loss_recovered, n_tokens
+FROM saes
+ORDER BY model, layer_index;

@@ -11,7 +11,16 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from refusal_core.tables import ACTIVATIONS, DIRECTION_CANDIDATES, DIRECTIONS, EFFECTS, GENERATIONS, LINEAGE, PROMPTS
+from refusal_core.tables import (
+    ACTIVATIONS,
+    DIRECTION_CANDIDATES,
+    DIRECTIONS,
+    EFFECTS,
+    GENERATIONS,
+    LINEAGE,
+    PROMPTS,
+    SAE_QUALITY,
+)
 
 SCHEMAS = {
     "prompts": PROMPTS,
@@ -19,6 +28,7 @@ SCHEMAS = {
     "baseline_generations": GENERATIONS,
     "refusal_directions": DIRECTION_CANDIDATES,
     "category_directions": DIRECTIONS,
+    "saes": SAE_QUALITY,
     "intervention_generations": GENERATIONS,
     "intervention_effects": EFFECTS,
     "lineage": LINEAGE,

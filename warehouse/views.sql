@@ -10,6 +10,8 @@ CREATE VIEW baseline_generations AS
     SELECT * FROM read_parquet('{root}/baseline_generations/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW category_directions AS
     SELECT * FROM read_parquet('{root}/category_directions/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW saes AS
+    SELECT * FROM read_parquet('{root}/saes/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW intervention_generations AS
     SELECT * FROM read_parquet('{root}/intervention_generations/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW refusal_directions AS

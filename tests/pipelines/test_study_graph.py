@@ -55,6 +55,13 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert event.asset_materialization.metadata["dagster/row_count"].value == activations.num_rows
         assert not list((warehouse / ".staging").iterdir())
         _check_direction_tables(warehouse, key)
+        quality = pq.read_table(warehouse / "saes" / f"model={key}" / "data.parquet").to_pylist()
+        assert [row["layer_index"] for row in quality] == [1] and quality[0]["width"] == 96
+        assert quality[0]["sae_source"].startswith("trained:") and -1 < quality[0]["explained_variance"] <= 1
+        check = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey("saes"), "sae_quality_thresholds"))
+        assert check is not None
+        sae_lineage = pq.read_table(warehouse / "lineage" / f"model={key}" / "saes.parquet").to_pylist()[0]
+        assert sae_lineage["sae_source"].startswith("1=trained:") and len(sae_lineage["sae_sha256"]) > 64
         pngs = sorted(p.name for p in (warehouse / "figures" / f"model={key}").glob("*.png"))
         assert pngs == ["category_cosines.png", "direction_selection.png", "refusal_by_intervention.png"]
         figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization

@@ -1,0 +1,475 @@
+"""Sparse autoencoders on the residual stream: load sae-lens SAEs, train them, splice them in and grade them."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from unittest import mock
+
+import huggingface_hub
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as safetensors_bytes
+from sae_lens import SAE, LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
+from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.loading import pretrained_sae_loaders
+from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.training import sae_trainer
+from sae_lens.training.sae_trainer import SAETrainer
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_core.activations import tokenize_batch
+from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual, untuple
+from refusal_core.registry import SaeSpec
+
+HOOK_POINT = re.compile(r"blocks\.(\d+)\.hook_resid_post")
+"""sae-lens names the residual stream after block i `blocks.i.hook_resid_post`: our layer i."""
+
+
+@dataclass(frozen=True)
+class LoadedSae:
+    """An SAE ready for use on one layer, with what lineage needs to know about it."""
+
+    sae: SAE
+    """The sae-lens SAE, in eval mode, float32, on the requested device."""
+    layer: int
+    """The block whose output (residual stream) it reads."""
+    sae_id: str
+    """The sae-lens id actually loaded (the one chosen by L0 when the template has {l0}), or the folder name."""
+    source: str
+    """Where it came from in one line: pretrained:RELEASE/ID@REVISION or local:FOLDER."""
+    weights_sha256: str
+    """sha256 of its state dict serialised as safetensors."""
+
+
+@dataclass(frozen=True)
+class SaeQuality:
+    """How well an SAE reconstructs one layer's residual stream on a set of texts."""
+
+    explained_variance: float
+    """1 - sum of squared reconstruction errors / total variance of the activations about their mean."""
+    mean_l0: float
+    """Mean number of active latents per token."""
+    dead_fraction: float
+    """Fraction of latents never active on these tokens."""
+    ce_clean: float
+    """Mean next-token cross-entropy (nats) of the unmodified model."""
+    ce_spliced: float
+    """The same with the block's output replaced by the SAE reconstruction."""
+    ce_zero_ablation: float
+    """The same with the block's output replaced by zeros."""
+    ce_loss_recovered: float
+    """(ce_zero_ablation - ce_spliced) / (ce_zero_ablation - ce_clean): 1 is perfect, 0 no better than zeros."""
+    n_tokens: int
+    """Tokens the statistics are over (real tokens after the first skip_first of each text)."""
+
+
+def hook_point_to_layer(hook_name: str) -> int:
+    """Our layer index for an sae-lens hook name: `blocks.12.hook_resid_post` -> 12 (the output of block 12)."""
+    match = HOOK_POINT.fullmatch(hook_name)
+    if match is None:
+        raise ValueError(
+            f"Hook point {hook_name!r} is not a residual-stream output; this project reads SAEs at "
+            "blocks.<layer>.hook_resid_post, the output of decoder block <layer>."
+        )
+    return int(match.group(1))
+
+
+def layer_to_hook_point(layer: int) -> str:
+    """The sae-lens hook name of the residual stream after block `layer`."""
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def load_sae(spec: SaeSpec, layer: int, d_model: int, cache_dir: Path | None = None, device: str = "cpu") -> LoadedSae:
+    """The study's SAE for `layer`: pretrained (kind = pretrained) or from a folder (kind = local).
+
+    A local `spec.path` may hold one SAE, or one per layer in `layer_{layer}/` as `train_saes` writes.
+    `cache_dir` is the Hugging Face download cache for pretrained SAEs (None: the default cache).
+    """
+    if spec.kind == "pretrained":
+        if spec.release is None or spec.sae_id_template is None:
+            raise ValueError("saes.kind = 'pretrained' needs saes.release and saes.sae_id_template; set both.")
+        return load_pretrained_sae(spec.release, spec.sae_id_template, layer, d_model, spec.revision,
+                                   spec.l0_target, cache_dir, device)
+    if spec.kind == "local":
+        if spec.path is None:
+            raise ValueError("saes.kind = 'local' needs saes.path, a folder in sae-lens format; set it.")
+        per_layer = spec.path / f"layer_{layer}"
+        return load_local_sae(per_layer if per_layer.is_dir() else spec.path, layer, d_model, device)
+    raise ValueError(
+        f"saes.kind = {spec.kind!r} has nothing to load; train with train_saes and load its folders with "
+        "load_local_sae, or use kind 'pretrained' or 'local'."
+    )
+
+
+def choose_sae_id(release: str, sae_id_template: str, layer: int, l0_target: float | None) -> str:
+    """The id of `release` that fits the template at `layer`; with {l0}, the one whose L0 is closest to l0_target.
+
+    L0 is the release's registry metadata, or the number the id carries where the registry has none.
+    """
+    saes = _release(release)
+    if "{l0}" not in sae_id_template:
+        sae_id = sae_id_template.format(layer=layer)
+        if sae_id not in saes.saes_map:
+            near = difflib.get_close_matches(sae_id, list(saes.saes_map), n=3, cutoff=0)
+            raise ValueError(f"Release {release!r} has no SAE {sae_id!r}; close ids are {', '.join(near)}.")
+        return sae_id
+    if l0_target is None:
+        raise ValueError(f"sae_id_template {sae_id_template!r} has {{l0}} but saes.l0_target is unset; set it.")
+    pieces = [re.escape(piece.format(layer=layer)) for piece in sae_id_template.split("{l0}")]
+    pattern = re.compile(r"(\d+(?:\.\d+)?)".join(pieces))
+    l0s = {}
+    for sae_id in saes.saes_map:
+        if match := pattern.fullmatch(sae_id):
+            l0s[sae_id] = saes.expected_l0.get(sae_id) or float(match.group(1))
+    if not l0s:
+        raise ValueError(f"Release {release!r} has no SAE id matching {sae_id_template!r} at layer {layer}; "
+                         f"its ids look like {next(iter(saes.saes_map))!r}.")
+    return min(l0s, key=lambda sae_id: (abs(l0s[sae_id] - l0_target), l0s[sae_id], sae_id))
+
+
+def load_pretrained_sae(release: str, sae_id_template: str, layer: int, d_model: int, revision: str | None = None,
+                        l0_target: float | None = None, cache_dir: Path | None = None, device: str = "cpu") -> LoadedSae:
+    """Download (or read from the cache) an SAE of the sae-lens registry, checked against the model.
+
+    The release and id are checked against the registry before anything is downloaded. sae-lens 6.54's
+    `SAE.from_pretrained` takes no revision, so every hub download its loader makes is pinned to `revision`.
+    """
+    sae_id = choose_sae_id(release, sae_id_template, layer, l0_target)
+    loader = pretrained_sae_loaders.NAMED_PRETRAINED_SAE_LOADERS[pretrained_sae_loaders.get_conversion_loader_name(release)]
+    download = partial(_pinned_download, revision=revision, cache_dir=cache_dir)
+    # The loaders call their module's hf_hub_download; it is swapped for the pinned one during this call only.
+    with mock.patch.object(pretrained_sae_loaders, "hf_hub_download", download):
+        sae = SAE.from_pretrained(release, sae_id, device=device, dtype="float32", converter=loader)
+    _check_sae(sae, layer, d_model, f"{release}/{sae_id}")
+    return LoadedSae(sae.eval(), layer, sae_id, f"pretrained:{release}/{sae_id}@{revision or 'main'}", _sha256(sae))
+
+
+def load_local_sae(folder: Path, layer: int, d_model: int, device: str = "cpu") -> LoadedSae:
+    """Load an SAE saved in sae-lens format (cfg.json + sae_weights.safetensors), checked against the model."""
+    if not (folder / "cfg.json").is_file():
+        raise FileNotFoundError(f"{folder} has no cfg.json; point saes.path at a folder saved by sae-lens.")
+    sae = SAE.load_from_disk(folder, device=device, dtype="float32")
+    _check_sae(sae, layer, d_model, str(folder))
+    return LoadedSae(sae.eval(), layer, folder.name, f"local:{folder}", _sha256(sae))
+
+
+def residual_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                    layers: Sequence[int], batch_size: int = 16, skip_first: int = 4) -> Iterator[dict[int, Tensor]]:
+    """Yield, per batch of prompts, `layer -> float32 CPU Tensor[n_tokens, d_model]` of the residual stream.
+
+    One backbone pass per batch feeds every layer, stopping after the last one. Padding and the first
+    `skip_first` tokens of each prompt are dropped: attention-sink tokens have norms far above the rest.
+    """
+    if skip_first < 0:
+        raise ValueError(f"skip_first is {skip_first}; it counts tokens, so use 0 or more.")
+    layers = check_layers(layers, len(decoder_layers(model)))
+    device = next(model.parameters()).device
+    backbone = model.get_decoder()
+    for start in range(0, len(prompts), batch_size):
+        inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device)
+        keep = inputs["position_ids"] >= skip_first  # [batch, seq]
+        keep &= inputs["attention_mask"].bool()
+        with torch.inference_mode(), record_residual(model, layers, stop_after_last=True) as recorded:
+            try:
+                backbone(**inputs, use_cache=False)
+            except StopForward:
+                pass
+        yield {layer: recorded[layer][keep].float().cpu() for layer in layers}  # [n_tokens, d_model] each
+
+
+def train_saes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], layers: Sequence[int],
+               width: int, architecture: str, k: int, training_tokens: int, learning_rate: float, output_dir: Path,
+               seed: int, progress: bool = True, *, train_batch_size: int = 4096, forward_batch_size: int = 16,
+               l1_coefficient: float = 5.0, skip_first: int = 4, n_checkpoints: int = 4) -> dict[int, Path]:
+    """Train one sae-lens SAE per layer on the model's own residual stream; return `layer -> folder`.
+
+    The residual tokens of `texts` are collected once (at most `training_tokens` per layer) into a CPU
+    buffer and fed to sae-lens' `SAETrainer` in seeded shuffles, epoch after epoch, until
+    `training_tokens` samples have been seen. Activations are scaled to mean norm sqrt(d_model) while
+    training; the scale is folded into the saved weights. Each SAE is saved in sae-lens format in
+    `output_dir/layer_{L}/` with a training.json of these settings.
+
+    Resuming: a layer whose folder is complete is not retrained (a ValueError if its settings differ).
+    A layer interrupted midway resumes from its last checkpoint in `output_dir/layer_{L}.partial/`
+    (SAE weights, optimizer, schedulers, dead-latent counters and the data position are all restored,
+    so the result equals an uninterrupted run). The finished SAE is written inside the partial folder
+    and renamed into place, so `layer_{L}/` is never half-written.
+
+    Args:
+        architecture: "topk" (k active latents per token) or "standard" (ReLU with an L1 penalty).
+        train_batch_size: tokens per optimiser step.
+        progress: show progress bars (collection, layers and sae-lens' own training bar).
+    """
+    if architecture not in ("topk", "standard"):
+        raise ValueError(f"architecture {architecture!r} is not supported; use 'topk' or 'standard'.")
+    layers = check_layers(layers, len(decoder_layers(model)))
+    settings = {"width": width, "architecture": architecture, "k": k, "training_tokens": training_tokens,
+                "learning_rate": learning_rate, "seed": seed, "train_batch_size": train_batch_size,
+                "l1_coefficient": l1_coefficient, "skip_first": skip_first,
+                "texts_sha256": hashlib.sha256(json.dumps(list(texts)).encode()).hexdigest()}
+    folders = {layer: output_dir / f"layer_{layer}" for layer in layers}
+    todo = [layer for layer in layers if not _complete(folders[layer], settings)]
+    if not todo:
+        return folders
+    buffers: dict[int, list[Tensor]] = {layer: [] for layer in todo}
+    n_collected = 0
+    with tqdm(total=training_tokens, desc="collect residual tokens", unit="token", disable=not progress) as bar:
+        for batch in residual_tokens(model, tokenizer, texts, todo, forward_batch_size, skip_first):
+            for layer in todo:
+                buffers[layer].append(batch[layer])  # [n_tokens, d_model]
+            n_collected += len(batch[todo[0]])
+            bar.update(len(batch[todo[0]]))
+            if n_collected >= training_tokens:
+                break
+    if n_collected == 0:
+        raise ValueError(f"The {len(texts)} texts leave no tokens after skipping the first {skip_first}; pass longer texts.")
+    device = str(next(model.parameters()).device)
+    model_name = Path(str(model.config.name_or_path)).name
+    for layer in tqdm(todo, desc="train SAEs", unit="layer", disable=not progress):
+        buffer = torch.cat(buffers.pop(layer))[:training_tokens]  # [n_tokens, d_model]
+        sae = _new_training_sae(buffer.shape[1], width, architecture, k, l1_coefficient, layer, model_name, seed)
+        _train_layer(sae, buffer, folders[layer], settings, device, progress, n_checkpoints)
+    return folders
+
+
+@contextmanager
+def splice(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_first: int = 0) -> Iterator[None]:
+    """Replace the output of block `layer` by the SAE reconstruction while the block is open.
+
+    With `use_error_term`, the reconstruction error x - sae(x) is added back (as a constant), so the
+    model's outputs are unchanged up to rounding while latents stay available to hooks on the SAE.
+    Positions whose position id is below `skip_first` (attention sinks) pass through untouched.
+    """
+    _check_sae(sae, layer, int(model.config.hidden_size), "given")
+
+    def reconstruct(hidden: Tensor) -> Tensor:
+        recon = sae.decode(sae.encode(hidden)).to(hidden.dtype)  # [batch, seq, d_model]
+        return recon + (hidden - recon).detach() if use_error_term else recon
+
+    with _replaced(model, layer, reconstruct, skip_first):
+        yield
+
+
+@torch.no_grad()
+def sae_quality(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae: SAE, layer: int,
+                texts: Sequence[str], batch_size: int = 16, skip_first: int = 4) -> SaeQuality:
+    """Explained variance, L0, dead latents and CE loss recovered of `sae` at `layer` on `texts`.
+
+    Cross-entropy is next-token prediction from every real position after the first `skip_first`;
+    the splice and the zero ablation touch exactly those positions, and the SAE statistics cover them.
+    """
+    _check_sae(sae, layer, int(model.config.hidden_size), "given")
+    device = next(model.parameters()).device
+    totals = dict.fromkeys(("squared_error", "square_sum", "l0", "clean", "spliced", "zero", "n_predicted"), 0.0)
+    x_sum = torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device)  # [d_model]
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device)  # [d_sae]
+    n_tokens = 0
+    for start in range(0, len(texts), batch_size):
+        inputs = tokenize_batch(tokenizer, texts[start:start + batch_size], device)
+        mask = inputs["attention_mask"].bool()  # [batch, seq]
+        keep = mask & (inputs["position_ids"] >= skip_first)  # [batch, seq]
+        predicts = keep[:, :-1] & mask[:, 1:]  # [batch, seq-1]: kept positions that have a next token
+        targets = inputs["input_ids"][:, 1:][predicts]  # [n_predicted]
+        with record_residual(model, [layer]) as recorded:
+            totals["clean"] += _summed_ce(model, inputs, predicts, targets)
+        with splice(model, sae, layer, use_error_term=False, skip_first=skip_first):
+            totals["spliced"] += _summed_ce(model, inputs, predicts, targets)
+        with _replaced(model, layer, torch.zeros_like, skip_first):
+            totals["zero"] += _summed_ce(model, inputs, predicts, targets)
+        x = recorded[layer][keep].float()  # [n, d_model]
+        acts = sae.encode(x)  # [n, d_sae]
+        totals["squared_error"] += float((x - sae.decode(acts)).double().pow(2).sum())
+        totals["square_sum"] += float(x.double().pow(2).sum())
+        totals["l0"] += float((acts > 0).sum())
+        totals["n_predicted"] += len(targets)
+        x_sum += x.double().sum(0)
+        fired |= (acts > 0).any(0)
+        n_tokens += len(x)
+    if n_tokens == 0 or totals["n_predicted"] == 0:
+        raise ValueError(f"The {len(texts)} texts leave no tokens after skipping the first {skip_first}; pass longer texts.")
+    total_variance = totals["square_sum"] - float(x_sum.pow(2).sum()) / n_tokens
+    clean, spliced, zero = (totals[name] / totals["n_predicted"] for name in ("clean", "spliced", "zero"))
+    return SaeQuality(
+        explained_variance=1 - totals["squared_error"] / total_variance, mean_l0=totals["l0"] / n_tokens,
+        dead_fraction=1 - float(fired.float().mean()), ce_clean=clean, ce_spliced=spliced, ce_zero_ablation=zero,
+        ce_loss_recovered=(zero - spliced) / (zero - clean), n_tokens=n_tokens,
+    )
+
+
+def _release(release: str):
+    """The registry entry of `release`, or a ValueError naming close and example releases (no download)."""
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        near = difflib.get_close_matches(release, list(directory), n=3, cutoff=0.6) or sorted(directory)[:5]
+        raise ValueError(f"Release {release!r} is not in the sae-lens registry; valid releases include {', '.join(near)}.")
+    return directory[release]
+
+
+def _pinned_download(*args, revision: str | None, cache_dir: Path | None, **kwargs) -> str:
+    """hf_hub_download with the study's revision and cache folder, unless the loader set them itself."""
+    if kwargs.get("revision") is None:
+        kwargs["revision"] = revision
+    if kwargs.get("cache_dir") is None and cache_dir is not None:
+        kwargs["cache_dir"] = cache_dir
+    return huggingface_hub.hf_hub_download(*args, **kwargs)
+
+
+def _check_sae(sae: SAE, layer: int, d_model: int, name: str) -> None:
+    """A one-sentence ValueError unless `sae` reads the d_model-wide residual stream after block `layer`."""
+    if sae.cfg.d_in != d_model:
+        raise ValueError(f"SAE {name} has width {sae.cfg.d_in} but the model's residual stream has width {d_model}; "
+                         "use an SAE trained on this model.")
+    hook = sae.cfg.metadata.hook_name
+    if hook is None or HOOK_POINT.fullmatch(hook) is None:
+        raise ValueError(f"SAE {name} reads hook point {hook!r}, not a residual-stream output "
+                         f"(blocks.<layer>.hook_resid_post); use a residual-stream SAE for layer {layer}.")
+    if hook_point_to_layer(hook) != layer:
+        raise ValueError(f"SAE {name} reads {hook} but was asked for layer {layer}; use the SAE for "
+                         f"{layer_to_hook_point(layer)}.")
+
+
+def _sha256(sae: SAE) -> str:
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in sae.state_dict().items()}
+    return hashlib.sha256(safetensors_bytes(tensors)).hexdigest()
+
+
+def _complete(folder: Path, settings: dict) -> bool:
+    """Whether `folder` holds a finished SAE; a ValueError if it was trained with other settings."""
+    if not (folder / "sae_weights.safetensors").is_file():
+        return False
+    record = folder / "training.json"
+    recorded = json.loads(record.read_text()) if record.is_file() else None
+    if recorded != settings:
+        raise ValueError(f"{folder} holds an SAE trained with {recorded}, not {settings}; delete it or use another output_dir.")
+    return True
+
+
+def _new_training_sae(d_model: int, width: int, architecture: str, k: int, l1_coefficient: float, layer: int,
+                      model_name: str, seed: int) -> TopKTrainingSAE | StandardTrainingSAE:
+    """A freshly initialised training SAE; its initial weights depend only on `seed` and `layer`."""
+    metadata = SAEMetadata(hook_name=layer_to_hook_point(layer), model_name=model_name)
+    common = dict(d_in=d_model, d_sae=width, normalize_activations="expected_average_only_in", metadata=metadata)
+    # The SAE is built on the CPU under a forked RNG: the weights are the same on any device and the
+    # caller's random state is untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + layer)
+        if architecture == "topk":
+            return TopKTrainingSAE(TopKTrainingSAEConfig(k=k, **common))
+        return StandardTrainingSAE(StandardTrainingSAEConfig(l1_coefficient=l1_coefficient, **common))
+
+
+def _train_layer(sae: TopKTrainingSAE | StandardTrainingSAE, buffer: Tensor, folder: Path, settings: dict,
+                 device: str, progress: bool, n_checkpoints: int) -> None:
+    """Fit `sae` on `buffer` [n_tokens, d_model] with SAETrainer, resuming from a checkpoint, then move it to `folder`."""
+    partial_folder = folder.with_name(folder.name + ".partial")
+    if (partial_folder / "training.json").is_file() and json.loads((partial_folder / "training.json").read_text()) != settings:
+        shutil.rmtree(partial_folder)
+    partial_folder.mkdir(parents=True, exist_ok=True)
+    (partial_folder / "training.json").write_text(json.dumps(settings))
+    checkpoints = partial_folder / "checkpoints"
+    batch_size = min(settings["train_batch_size"], settings["training_tokens"])
+    config = SAETrainerConfig(
+        total_training_samples=settings["training_tokens"], train_batch_size_samples=batch_size,
+        # The learning rate decays linearly to zero over the last fifth of the steps, as in Anthropic's
+        # April 2024 training update. SAETrainerConfig has no default lr_end (the runner config sets it).
+        lr=settings["learning_rate"], lr_end=settings["learning_rate"],
+        lr_decay_steps=settings["training_tokens"] // batch_size // 5,
+        device=device, n_checkpoints=n_checkpoints, checkpoint_path=str(checkpoints),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    trainer = SAETrainer(config, sae, data_provider=iter(()), save_checkpoint_fn=_keep_latest)
+    if (latest := _latest_checkpoint(checkpoints)) is not None:
+        trainer.load_trainer_state(latest)
+        sae.load_weights_from_checkpoint(latest)
+        # SAETrainer rebuilds its checkpoint schedule from zero; drop the thresholds already passed.
+        trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
+    else:
+        # ActivationScaler.estimate_scaling_factor's formula, over the whole buffer rather than batches drawn
+        # from the data provider, so the provider's position stays the sample count.
+        trainer.activation_scaler.scaling_factor = buffer.shape[1] ** 0.5 / float(buffer.norm(dim=-1).mean())
+    trainer.data_provider = _batches(buffer, batch_size, settings["seed"], trainer.n_training_samples)
+    quiet = partial(tqdm, disable=not progress)
+    with mock.patch.object(sae_trainer, "tqdm", quiet):
+        trainer.fit()
+    finished = partial_folder / "sae"
+    shutil.rmtree(finished, ignore_errors=True)
+    sae.save_inference_model(finished)
+    (finished / "training.json").write_text(json.dumps(settings))
+    shutil.rmtree(folder, ignore_errors=True)
+    finished.rename(folder)
+    shutil.rmtree(partial_folder)
+
+
+def _batches(buffer: Tensor, batch_size: int, seed: int, start: int) -> Iterator[Tensor]:
+    """Batches [batch_size, d_model] of `buffer` in a fresh seeded shuffle per epoch, from sample `start` on."""
+    n_tokens = len(buffer)
+    position, epoch, order = start, -1, None
+    while True:
+        parts = []
+        while sum(len(part) for part in parts) < batch_size:
+            if position // n_tokens != epoch:
+                epoch = position // n_tokens
+                order = torch.randperm(n_tokens, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+            offset = position % n_tokens
+            parts.append(order[offset:offset + batch_size - sum(len(part) for part in parts)])
+            position += len(parts[-1])
+        yield buffer[torch.cat(parts)]  # [batch_size, d_model]
+
+
+def _latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete checkpoint (its activation_scaler.json is written last), if any."""
+    complete = [path for path in checkpoints.glob("*") if path.name.isdigit() and (path / "activation_scaler.json").is_file()]
+    return max(complete, key=lambda path: int(path.name), default=None)
+
+
+def _keep_latest(checkpoint_path: Path | None) -> None:
+    """Called by SAETrainer once a checkpoint is complete: delete the older ones."""
+    if checkpoint_path is not None:
+        for older in checkpoint_path.parent.glob("*"):
+            if older != checkpoint_path and older.name.isdigit():
+                shutil.rmtree(older)
+
+
+def _summed_ce(model: nn.Module, inputs: dict[str, Tensor], predicts: Tensor, targets: Tensor) -> float:
+    """Summed next-token cross-entropy at the `predicts` [batch, seq-1] positions."""
+    logits = model(**inputs, use_cache=False).logits  # [batch, seq, vocab]
+    return F.cross_entropy(logits[:, :-1][predicts].float(), targets, reduction="sum").item()
+
+
+@contextmanager
+def _replaced(model: nn.Module, layer: int, replace: Callable[[Tensor], Tensor], skip_first: int) -> Iterator[None]:
+    """Replace the output of block `layer` by `replace(output)` at positions with position id >= skip_first."""
+    blocks = decoder_layers(model)
+    check_layers([layer], len(blocks))
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> Tensor | tuple:
+        hidden = untuple(output)  # [batch, seq, d_model]
+        new = replace(hidden)  # [batch, seq, d_model]
+        if skip_first > 0:
+            if kwargs.get("position_ids") is None:
+                raise ValueError(f"Block {layer} got no position_ids, so the first {skip_first} tokens cannot be "
+                                 "told apart; pass skip_first=0.")
+            new = torch.where((kwargs["position_ids"] >= skip_first).unsqueeze(-1), new, hidden)
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    handle = None
+    try:
+        # hooks.hooked registers without kwargs; the position ids are needed here, so the hook is registered directly.
+        handle = blocks[layer].register_forward_hook(hook, with_kwargs=True)
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()

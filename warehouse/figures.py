@@ -32,7 +32,7 @@ def refusal_by_intervention(rows: list[dict], study: str):
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("refusal rate (substring judge)")
     axis.set_xlabel("eval set")
-    axis.set_title(f"Refusal by intervention, {study} (95% bootstrap intervals)")
+    axis.set_title(f"Refusal by intervention, {study}\n(95% bootstrap intervals; a missing bar is 0%)", fontsize=10)
     axis.legend(title="method", frameon=False)
     return figure
 

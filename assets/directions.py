@@ -68,7 +68,7 @@ def refusal_directions(
     if not passed:
         context.log.warning("No candidate passed the filters (addition score > 0, KL <= 0.1); kept the best by ablation.")
     measured = {(e.layer, e.position): e for e in evaluations}
-    token_of = dict(zip(activations["position"].to_pylist()[:len(means.positions) + 1], activations["token"].to_pylist()))
+    token_of = position_names(activations)
     by_cosine = top_candidates(scores, means.layers, means.positions, allowed, 1)[0]
     rows = []
     for (layer, position), (i, j) in sorted(index.items()):
@@ -92,6 +92,12 @@ def refusal_directions(
         "selected_layer": best.layer, "selected_position": best.position, "selected_token": token_of.get(best.position, ""),
         "ablation_refusal_score": best.ablation_refusal_score, "addition_refusal_score": best.addition_refusal_score,
         "kl": best.kl, "passes_filters": passed, "selected_by_cosine": f"layer {by_cosine[0]}, position {by_cosine[1]}", "n_train_harmful": harmful.num_rows, "n_train_harmless": harmless.num_rows})
+
+
+def position_names(activations: pa.Table) -> dict[int, str]:
+    """Position -> the token stored for it, read from the distinct pairs rather than from row order."""
+    pairs = activations.select(["position", "token"]).group_by(["position", "token"]).aggregate([])
+    return dict(zip(pairs["position"].to_pylist(), pairs["token"].to_pylist()))
 
 
 def selected_direction(candidates: pa.Table):
@@ -126,7 +132,7 @@ def category_directions(
     at_layer = activations.filter(pc.equal(activations["layer_index"], layer))
     instruction = int(pc.min(at_layer["position"]).as_py())
     means = mean_activations(at_layer.to_batches(max_chunksize=4096), groups)
-    tokens = dict(zip(at_layer["position"].to_pylist()[:len(means.positions)], at_layer["token"].to_pylist()))
+    tokens = position_names(at_layer)
     places = {name: position for name in groups if name not in ("harmless", "harmful")} | {"harmfulness": instruction}
     rows = []
     for name, place in sorted(places.items()):

@@ -3,14 +3,13 @@
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from assets.common import content_sha256, eval_prompts, model_lineage, upstream_lineage
 from assets.directions import selected_direction
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt
-from refusal_core.evaluation import bootstrap_interval, judged_generations
+from refusal_core.evaluation import effect_rows, judged_generations
 from refusal_core.interventions import Ablate, Add, describe
 from refusal_core.scoring import answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
 from refusal_core.tables import EFFECTS, GENERATIONS, Spool, spool, to_json
@@ -72,27 +71,8 @@ def intervention_effects(
         kl[identity] = float(kl_divergence(clean, changed).mean())
         loss = completion_cross_entropy(loaded.model, loaded.tokenizer, texts, completions, intervention, settings.batch_size)
         cross_entropy[identity] = float((loss - clean_loss).nanmean())
-    rows = []
     generations = pa.concat_tables([baseline_generations, intervention_generations]).to_pylist()
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for row in generations:
-        groups.setdefault((row["label"], row["intervention_id"]), []).append(row)
-    for (label, identity), members in sorted(groups.items()):
-        for judge, column in (("substring", "refused_substring"), ("refusal_score", "refused_score"),
-                              ("classifier", "refused_classifier")):
-            verdicts = [m[column] for m in members]
-            if None in verdicts:
-                continue
-            low, high = bootstrap_interval(verdicts, seed=settings.seed)
-            rows.append({
-                "model_key": loaded.study.key, "eval_set": label, "intervention_id": identity,
-                "intervention_kind": members[0]["intervention_kind"],
-                "intervention_parameters": members[0]["intervention_parameters"], "judge": judge,
-                "n_prompts": len(members), "refusal_rate": sum(verdicts) / len(verdicts), "ci_low": low, "ci_high": high,
-                "mean_refusal_score": float(torch.tensor([m["refusal_score"] for m in members]).mean()),
-                "kl": kl.get(identity) if label == "harmless" else None,
-                "cross_entropy_change": cross_entropy.get(identity) if label == "harmless" else None,
-            })
+    rows = effect_rows(loaded.study.key, generations, kl, cross_entropy, settings.seed)
     table = pa.Table.from_pylist(rows, schema=EFFECTS)
     lineage = {**model_lineage(loaded), **upstream_lineage(
         prompts=prompts, refusal_directions=refusal_directions, baseline_generations=baseline_generations,

@@ -10,11 +10,14 @@ import pyarrow.compute as pc
 from assets.common import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
-from refusal_core.chat import format_prompt
-from refusal_core.saes import load_local_sae, load_sae, sae_quality, train_saes
+from refusal_core.chat import format_prompt, instruction_offset
+from refusal_core.models import LoadedModel
+from refusal_core.saes import LoadedSae, load_local_sae, load_pretrained_sae, load_sae, sae_quality, train_saes
 from refusal_core.tables import SAE_QUALITY, Spool, spool, to_json
 
 QUALITY_CHECK = "sae_quality_thresholds"
+EVAL_TEXTS = 64
+"""Held-out prompts the quality of each SAE is measured on (three full forward passes each)."""
 
 
 class SaeQualityConfig(dg.Config):
@@ -38,14 +41,18 @@ def saes(context: dg.AssetExecutionContext, config: SaeQualityConfig, study: Stu
     # would dominate the token budget); quality is measured on val prompts the SAEs never saw.
     texts = [format_prompt(loaded.tokenizer, t, template)
              for t in train_split.filter(pc.not_equal(train_split["label"], "jailbreak"))["text"].to_pylist()]
-    evaluation = [format_prompt(loaded.tokenizer, t, template) for t in held_out["text"].sort().to_pylist()[:128]]
+    evaluation = [format_prompt(loaded.tokenizer, t, template) for t in held_out["text"].sort().to_pylist()[:EVAL_TEXTS]]
+    # The template prefix (system prompt, role markers) is the same in every prompt and carries residual
+    # norms ~15x the rest at these layers; the SAEs are trained on, graded on and spliced after it.
+    skip = instruction_offset(loaded.tokenizer, template)
     sources = {}
     if spec.kind == "train":
         fingerprint = hashlib.sha256(to_json({"model": loaded.weights_sha256, "spec": spec.model_dump(mode="json"),
-                                              "prompts": content_sha256(prompts), "seed": settings.seed}).encode()).hexdigest()[:16]
+                                              "prompts": content_sha256(prompts), "seed": settings.seed,
+                                              "skip_first": skip}).encode()).hexdigest()[:16]
         folder = Path(study.cache_dir) / "saes" / loaded.study.key / fingerprint
         trained = train_saes(loaded.model, loaded.tokenizer, texts, spec.layers, spec.width, spec.architecture, spec.k,
-                             spec.training_tokens, spec.learning_rate, folder, settings.seed)
+                             spec.training_tokens, spec.learning_rate, folder, settings.seed, skip_first=skip)
         sae_list = [load_local_sae(trained[layer], layer, loaded.d_model, str(loaded.device)) for layer in spec.layers]
     elif spec.kind == "none":
         context.log.info("Study %s names no SAEs; the table is empty.", loaded.study.key)
@@ -54,7 +61,7 @@ def saes(context: dg.AssetExecutionContext, config: SaeQualityConfig, study: Stu
         sae_list = [load_sae(spec, layer, loaded.d_model, None, str(loaded.device)) for layer in spec.layers]
     rows = []
     for item in sae_list:
-        quality = sae_quality(loaded.model, loaded.tokenizer, item.sae, item.layer, evaluation, settings.batch_size)
+        quality = sae_quality(loaded.model, loaded.tokenizer, item.sae, item.layer, evaluation, settings.batch_size, skip)
         source = item.source.replace("local:", "trained:", 1) if spec.kind == "train" else item.source
         sources[item.layer] = (source, item.weights_sha256)
         rows.append({"model_key": loaded.study.key, "layer_index": item.layer, "sae_source": source, "sae_id": item.sae_id,
@@ -70,7 +77,7 @@ def saes(context: dg.AssetExecutionContext, config: SaeQualityConfig, study: Stu
                "sae_source": ";".join(f"{layer}={s}" for layer, (s, _) in sorted(sources.items())),
                "sae_sha256": ";".join(f"{layer}={h}" for layer, (_, h) in sorted(sources.items())),
                "settings": to_json({"saes": spec.model_dump(mode="json"), "n_training_texts": len(texts),
-                                    "n_evaluation_texts": len(evaluation)})}
+                                    "n_evaluation_texts": len(evaluation), "skip_first": skip})}
     staged = spool([table], SAE_QUALITY, study.staging_dir, lineage)
     yield dg.Output(staged, data_version=dg.DataVersion(staged.sha256),
                     metadata={f"explained_variance/layer_{r['layer_index']}": round(r["explained_variance"], 3) for r in rows}
@@ -82,3 +89,23 @@ def saes(context: dg.AssetExecutionContext, config: SaeQualityConfig, study: Stu
         description=f"SAEs below thresholds at layers {poor}" if poor else "Every SAE is above the thresholds.",
         metadata={"poor_layers": str(poor), "min_explained_variance": config.min_explained_variance,
                   "min_ce_loss_recovered": config.min_ce_loss_recovered})
+
+
+def study_saes(loaded: LoadedModel, saes_table: pa.Table) -> dict[int, LoadedSae]:
+    """The SAEs the `saes` table was made with, by layer, checked against the weights hash it recorded."""
+    spec = loaded.study.saes
+    result = {}
+    for row in saes_table.to_pylist():
+        kind, _, where = row["sae_source"].partition(":")
+        if kind in ("trained", "local"):
+            item = load_local_sae(Path(where), row["layer_index"], loaded.d_model, str(loaded.device))
+        else:
+            item = load_pretrained_sae(spec.release, row["sae_id"], row["layer_index"], loaded.d_model, spec.revision,
+                                       None, None, str(loaded.device))
+        if item.weights_sha256 != row["sae_sha256"]:
+            raise ValueError(f"The SAE for layer {row['layer_index']} at {row['sae_source']} is not the one the saes table "
+                             "was made with; re-materialize the saes asset.")
+        result[item.layer] = item
+    if not result:
+        raise ValueError(f"Study {loaded.study.key} has no SAEs; set [studies.\"{loaded.study.key}\".saes] in the registry.")
+    return result

@@ -45,3 +45,19 @@ def post_instruction_tokens(
             "post-instruction positions cannot be located for this tokenizer."
         )
     return ids
+
+
+def instruction_offset(tokenizer: PreTrainedTokenizerBase, template: Literal["tokenizer", "plain"]) -> int:
+    """How many tokens of the template come before the user's instruction (the shared prompt prefix).
+
+    These tokens (BOS, system prompt, role markers) are the same in every prompt and carry residual
+    norms far above the rest (attention sinks), so SAEs are trained, graded and spliced only after them.
+    """
+    text = format_prompt(tokenizer, _SENTINEL, template)
+    prefix = text[:text.index(_SENTINEL)]
+    prefix_ids = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text, add_special_tokens=False)["input_ids"]
+    shared = 0
+    while shared < min(len(prefix_ids), len(full)) and prefix_ids[shared] == full[shared]:
+        shared += 1
+    return shared

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -65,3 +65,36 @@ def bootstrap_interval(verdicts: Sequence[bool], n_resamples: int = 2000, seed: 
     means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
+
+
+JUDGE_COLUMNS = {"substring": "refused_substring", "refusal_score": "refused_score", "classifier": "refused_classifier"}
+
+
+def effect_rows(model_key: str, generations: Sequence[Mapping], kl: Mapping[str, float] | None = None,
+                cross_entropy: Mapping[str, float] | None = None, seed: int = 0) -> list[dict]:
+    """EFFECTS rows: per eval set x intervention x judge, the refusal rate with its bootstrap 95% interval.
+
+    `generations` are GENERATIONS rows; `kl` and `cross_entropy` (by intervention id) go on the harmless rows.
+    A judge that gave no verdict (the classifier when the study has none) gets no row.
+    """
+    kl, cross_entropy = kl or {}, cross_entropy or {}
+    groups: dict[tuple[str, str], list[Mapping]] = {}
+    for row in generations:
+        groups.setdefault((row["label"], row["intervention_id"]), []).append(row)
+    rows = []
+    for (label, identity), members in sorted(groups.items()):
+        for judge, column in JUDGE_COLUMNS.items():
+            verdicts = [m[column] for m in members]
+            if None in verdicts:
+                continue
+            low, high = bootstrap_interval(verdicts, seed=seed)
+            rows.append({
+                "model_key": model_key, "eval_set": label, "intervention_id": identity,
+                "intervention_kind": members[0]["intervention_kind"],
+                "intervention_parameters": members[0]["intervention_parameters"], "judge": judge,
+                "n_prompts": len(members), "refusal_rate": sum(verdicts) / len(verdicts), "ci_low": low, "ci_high": high,
+                "mean_refusal_score": float(np.mean([m["refusal_score"] for m in members])),
+                "kl": kl.get(identity) if label == "harmless" else None,
+                "cross_entropy_change": cross_entropy.get(identity) if label == "harmless" else None,
+            })
+    return rows

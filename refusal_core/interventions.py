@@ -7,11 +7,13 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from refusal_core.hooks import check_layers, decoder_layers, hooked, untuple
+from refusal_core.saes import splice
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,52 @@ class Add:
         return {"direction_sha256": _tensor_sha(self.direction), "layer": self.layer, "coefficient": self.coefficient}
 
 
+@dataclass(frozen=True, eq=False)
+class Clamp:
+    """Edit SAE latents at the output of block `layer`, keeping the SAE's reconstruction error.
+
+    With `factor`, the chosen latents are multiplied by it (a negative factor -m clamps them against
+    their usual sign); with `values`, they are set to those constants (one per latent) to induce what
+    they encode. Every position from `skip_first` on is edited, prompt and generated tokens alike.
+    """
+
+    sae: Any
+    """The sae-lens SAE of `layer`."""
+    sae_sha256: str
+    layer: int
+    latents: tuple[int, ...]
+    factor: float | None = None
+    values: tuple[float, ...] | None = None
+    skip_first: int = 0
+    feature_set: str = ""
+    """Name of the feature set the latents come from, recorded with the parameters."""
+    kind: str = "clamp"
+
+    def __post_init__(self) -> None:
+        if (self.factor is None) == (self.values is None):
+            raise ValueError("A clamp needs exactly one of factor (multiply the latents) or values (set them).")
+        if self.values is not None and len(self.values) != len(self.latents):
+            raise ValueError(f"{len(self.values)} values were given for {len(self.latents)} latents; give one per latent.")
+        if not self.latents:
+            raise ValueError("A clamp needs at least one latent.")
+        if max(self.latents) >= self.sae.cfg.d_sae or min(self.latents) < 0:
+            raise ValueError(f"Latent indices must lie in 0..{self.sae.cfg.d_sae - 1} for this SAE.")
+
+    def parameters(self) -> dict:
+        return {"sae_sha256": self.sae_sha256[:16], "layer": self.layer, "latents": list(self.latents),
+                "factor": self.factor, "values": None if self.values is None else [round(v, 6) for v in self.values],
+                "skip_first": self.skip_first, "feature_set": self.feature_set}
+
+    def edit(self, latents: Tensor) -> Tensor:
+        """The latents [..., d_sae] with the chosen ones multiplied or set."""
+        index = torch.tensor(self.latents, device=latents.device)
+        if self.factor is not None:
+            chosen = latents[..., index] * self.factor
+        else:
+            chosen = torch.tensor(self.values, device=latents.device, dtype=latents.dtype).expand_as(latents[..., index])
+        return latents.index_copy(-1, index, chosen)
+
+
 @dataclass(frozen=True)
 class Compose:
     """Several interventions at once, applied in order."""
@@ -51,7 +99,7 @@ class Compose:
         return {"parts": [{"kind": p.kind, **p.parameters()} for p in self.parts]}
 
 
-Intervention = Ablate | Add | Compose
+Intervention = Ablate | Add | Clamp | Compose
 
 
 def describe(intervention: Intervention | None) -> tuple[str, str, str]:
@@ -77,6 +125,10 @@ def intervene(model: nn.Module, intervention: Intervention | None) -> Iterator[N
     parameter = next(model.parameters())
     with ExitStack() as stack:
         for part in _flatten(intervention):
+            if isinstance(part, Clamp):
+                stack.enter_context(splice(model, part.sae, part.layer, use_error_term=True,
+                                           skip_first=part.skip_first, edit=part.edit))
+                continue
             if part.direction.shape != (d_model,):
                 raise ValueError(
                     f"The {part.kind} direction has shape {tuple(part.direction.shape)} but this model's residual "
@@ -123,7 +175,7 @@ def _add_input(vector: Tensor):
     return hook
 
 
-def _flatten(intervention: Intervention) -> Sequence[Ablate | Add]:
+def _flatten(intervention: Intervention) -> Sequence[Ablate | Add | Clamp]:
     if isinstance(intervention, Compose):
         return [leaf for part in intervention.parts for leaf in _flatten(part)]
     return [intervention]

@@ -118,6 +118,21 @@ class Settings(_Strict):
     direction_candidates: int = Field(
         default=12, gt=0, description="Candidates (best by cosine score) whose ablation and addition are measured."
     )
+    attribution_prompts: int = Field(
+        default=32, gt=0, description="Refused harmful train prompts whose latents get attribution patching scores."
+    )
+    attribution_steps: int = Field(default=10, gt=0, description="Integrated-gradients steps of attribution patching.")
+    cosine_top_k: int = Field(
+        default=10, gt=0, description="Latents per layer, best by decoder cosine with the refusal direction, that "
+        "the CosSim+AP set ranks by attribution (the paper keeps 10 per layer over 26 layers)."
+    )
+    feature_set_size: int = Field(default=20, gt=0, description="Latents in each feature set.")
+    clamp_multiplier: float = Field(
+        default=2.0, gt=0, description="Clamping multiplies a feature set's latents by -m at every position."
+    )
+    induce_multiplier: float = Field(
+        default=1.0, gt=0, description="Inducing sets each latent to m times its largest activation on harmful prompts."
+    )
 
 
 class Study(_Strict):

@@ -246,18 +246,26 @@ def train_saes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts
 
 
 @contextmanager
-def splice(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_first: int = 0) -> Iterator[None]:
+def splice(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_first: int = 0,
+           edit: Callable[[Tensor], Tensor] | None = None) -> Iterator[None]:
     """Replace the output of block `layer` by the SAE reconstruction while the block is open.
 
-    With `use_error_term`, the reconstruction error x - sae(x) is added back (as a constant), so the
-    model's outputs are unchanged up to rounding while latents stay available to hooks on the SAE.
-    Positions whose position id is below `skip_first` (attention sinks) pass through untouched.
+    `edit` maps the latents [batch, seq, d_sae] to the latents to decode (clamping, patching); without
+    it they are decoded as encoded. With `use_error_term`, the reconstruction error x - sae(x) of the
+    unedited latents is added back, so with no edit the model's outputs are unchanged up to rounding.
+    Positions whose position id is below `skip_first` (the template prefix) pass through untouched.
     """
     _check_sae(sae, layer, int(model.config.hidden_size), "given")
+    weight = sae.W_dec
 
     def reconstruct(hidden: Tensor) -> Tensor:
-        recon = sae.decode(sae.encode(hidden)).to(hidden.dtype)  # [batch, seq, d_model]
-        return recon + (hidden - recon).detach() if use_error_term else recon
+        x = hidden.to(weight.dtype)  # [batch, seq, d_model]
+        latents = sae.encode(x)  # [batch, seq, d_sae]
+        recon = sae.decode(latents)  # [batch, seq, d_model]
+        edited = recon if edit is None else sae.decode(edit(latents))
+        if use_error_term:
+            edited = edited + (x - recon).detach()
+        return edited.to(hidden.dtype)
 
     with _replaced(model, layer, reconstruct, skip_first):
         yield
@@ -307,6 +315,15 @@ def sae_quality(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sae:
         dead_fraction=1 - float(fired.float().mean()), ce_clean=clean, ce_spliced=spliced, ce_zero_ablation=zero,
         ce_loss_recovered=(zero - spliced) / (zero - clean), n_tokens=n_tokens,
     )
+
+
+def neuronpedia_url(release: str, sae_id: str, latent: int) -> str | None:
+    """The latent's Neuronpedia page when the release's registry entry names one, else None (no download)."""
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        return None
+    neuronpedia_id = (directory[release].neuronpedia_id or {}).get(sae_id)
+    return f"https://www.neuronpedia.org/{neuronpedia_id}/{latent}" if neuronpedia_id else None
 
 
 def _release(release: str):

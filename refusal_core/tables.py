@@ -49,7 +49,7 @@ ACTIVATIONS = pa.schema(
 
 INTERVENTION_FIELDS = [
     _field("intervention_id", pa.string(), "Id of the intervention active while generating (kind + hash); none for baseline."),
-    _field("intervention_kind", pa.string(), "none, ablate, add or compose."),
+    _field("intervention_kind", pa.string(), "none, ablate, add, clamp (SAE latents multiplied or set) or compose."),
     _field("intervention_parameters", pa.string(), "The intervention's parameters as canonical JSON."),
 ]
 
@@ -117,6 +117,58 @@ SAE_QUALITY = pa.schema(
         _field("ce_zero_ablation", pa.float64(), "The same with this layer's output replaced by zeros."),
         _field("ce_loss_recovered", pa.float64(), "(zero - spliced) / (zero - clean): 1 is perfect."),
         _field("n_tokens", pa.int64(), "Held-out tokens the statistics are over."),
+    ]
+)
+
+_LATENT = [
+    MODEL_KEY,
+    _field("layer_index", pa.int16(), "Layer of the SAE the latent belongs to."),
+    _field("latent_index", pa.int32(), "Index of the latent in its SAE."),
+]
+_LATENT_SCORES = [
+    _field("decoder_cosine", pa.float64(), "Cosine of the latent's decoder vector with the selected refusal direction."),
+    _field("activation_difference", pa.float64(),
+           "Mean activation on harmful minus harmless prompts at the post-instruction positions (stored activations)."),
+]
+
+LATENT_ATTRIBUTIONS = pa.schema(
+    [
+        *_LATENT,
+        _field("prompt_id", pa.string(), "The prompt the attribution is for; null for the mean over prompts.", True),
+        *_LATENT_SCORES,
+        _field("cosine_rank", pa.int32(), "Rank of the decoder cosine within the layer (1 = most aligned)."),
+        _field("attribution", pa.float64(),
+               "Attribution patching (integrated gradients) of logit(compliance) - logit(refusal) from the clean state "
+               "to the refusal direction ablated; positive = the latent's change toward the ablated state lowers refusal."),
+        _field("combined_rank", pa.int32(),
+               "CosSim+AP rank: by attribution among latents in their layer's cosine top-k; null outside it.", True),
+    ]
+)
+
+FEATURE_SETS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("feature_set", pa.string(), "cossim_ap, cosine, activation_difference, attribution or random."),
+        _field("rank", pa.int16(), "Rank in the set (1 = first chosen)."),
+        *_LATENT[1:],
+        *_LATENT_SCORES,
+        _field("attribution", pa.float64(), "Mean attribution patching score; null when not computed for this latent.", True),
+        _field("induce_value", pa.float64(),
+               "Constant the latent is set to when inducing refusal (multiplier x its largest activation on harmful prompts)."),
+    ]
+)
+
+FEATURE_CARDS = pa.schema(
+    [
+        *_LATENT,
+        _field("feature_sets", pa.list_(pa.string()), "The feature sets the latent is in."),
+        *_LATENT_SCORES,
+        _field("attribution", pa.float64(), "Mean attribution patching score; null when not computed.", True),
+        _field("top_prompts", pa.list_(pa.struct([
+            pa.field("prompt_id", pa.string()), pa.field("label", pa.string()), pa.field("text", pa.string()),
+            pa.field("token", pa.string()), pa.field("activation", pa.float64())])),
+            "Stored prompts that activate the latent most, with the template token where it peaks."),
+        _field("neuronpedia_url", pa.string(), "The latent's Neuronpedia page, for SAEs Neuronpedia hosts.", True),
     ]
 )
 

@@ -87,3 +87,14 @@ def load_tiny(folder: Path):
     tokenizer = AutoTokenizer.from_pretrained(folder)
     tokenizer.padding_side = "left"
     return model, tokenizer
+
+
+def random_sae(layer: int = 1, **overrides):
+    """A randomly initialised sae-lens TopK SAE on the tiny models' residual stream (width 64) after `layer`."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from refusal_core.saes import layer_to_hook_point
+
+    config = dict(d_in=64, d_sae=128, k=8, metadata=SAEMetadata(hook_name=layer_to_hook_point(layer)))
+    return TopKSAE(TopKSAEConfig(**{**config, **overrides})).eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file
-from sae_lens import StandardSAE, TopKSAE, TopKSAEConfig
+from sae_lens import StandardSAE, TopKSAE
 from sae_lens.loading import pretrained_sae_loaders
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.sae_trainer import SAETrainer
@@ -25,17 +25,11 @@ from refusal_core.saes import (
     splice,
     train_saes,
 )
-from tests.tiny import load_tiny
+from tests.tiny import load_tiny, random_sae
 
 HARMLESS = [json.loads(line)["text"] for line in (files("refusal_core") / "data" / "harmless.jsonl").read_text().splitlines()]
 TOPK = dict(width=128, architecture="topk", k=8, training_tokens=40_000, learning_rate=1e-2, seed=0, progress=False,
             train_batch_size=256, forward_batch_size=32)
-
-
-def random_sae(layer: int = 1, **overrides) -> TopKSAE:
-    """A randomly initialised TopK SAE on the tiny models' residual stream after `layer`."""
-    config = dict(d_in=64, d_sae=128, k=8, metadata=SAEMetadata(hook_name=layer_to_hook_point(layer)))
-    return TopKSAE(TopKSAEConfig(**{**config, **overrides})).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)

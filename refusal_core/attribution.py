@@ -1,0 +1,109 @@
+"""Which SAE latents carry refusal: decoder cosine, activation difference and attribution patching."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from sae_lens import SAE
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_core.activations import tokenize_batch
+from refusal_core.hooks import record_residual
+from refusal_core.interventions import Intervention, intervene
+from refusal_core.saes import splice
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Attribution patching scores of the latents of several SAEs on a set of prompts."""
+
+    scores: dict[int, Tensor]
+    """layer -> [n_prompts, d_sae]: estimated change of the metric when each latent moves from its clean
+    to its patched value, summed over the prompt's positions (integrated gradients)."""
+    refusal_tokens: list[int]
+    """Per prompt, the clean model's own first answer token (its refusal token)."""
+    compliance_tokens: list[int]
+    """Per prompt, the first answer token with the patch applied (its compliance token)."""
+    clean_metric: Tensor
+    """[n_prompts]: logit(compliance) - logit(refusal) of the clean model."""
+    patched_metric: Tensor
+    """[n_prompts]: the same with the patch applied to the whole model."""
+
+
+def decoder_cosines(sae: SAE, direction: Tensor) -> Tensor:
+    """Cosine of each latent's decoder vector with `direction` [d_model]: [d_sae], float32."""
+    decoder = sae.W_dec.detach().float()  # [d_sae, d_model]
+    direction = direction.to(decoder).flatten()
+    return (decoder @ direction) / (decoder.norm(dim=-1) * direction.norm()).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def encode_rows(sae: SAE, rows: Tensor, batch_size: int = 1024) -> Tensor:
+    """SAE latents [n, d_sae] of residual vectors [n, d_model], encoded in batches."""
+    weight = sae.W_dec
+    parts = [sae.encode(rows[start:start + batch_size].to(weight)).float().cpu() for start in range(0, len(rows), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0, sae.cfg.d_sae)
+
+
+def attribution_patching(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saes: Mapping[int, SAE],
+                         prompts: Sequence[str], patch: Intervention, steps: int = 10, batch_size: int = 8,
+                         skip_first: int = 0, progress: bool = True) -> Attribution:
+    """Attribute the refusal metric to SAE latents by integrated gradients between clean and patched states.
+
+    The metric of a prompt is logit(compliance token) - logit(refusal token) at its last position, where
+    the refusal token is the clean model's own first answer token and the compliance token the first
+    answer token with `patch` (for instance the refusal direction ablated) applied to the whole model.
+    For each layer separately, the latents are interpolated from their clean to their patched values in
+    `steps` midpoint steps, with the SAE error of the clean state kept, so the model is unchanged when
+    nothing is patched; the gradient averaged over the steps times the latent's change, summed over
+    positions from `skip_first` on, is its score (Marks et al., 2024; Yeo et al., 2025).
+    """
+    if steps < 1:
+        raise ValueError(f"steps is {steps}; integrated gradients needs at least 1 step.")
+    if not prompts:
+        raise ValueError("No prompts to attribute; the prompt selection is empty.")
+    device = next(model.parameters()).device
+    layers = sorted(saes)
+    scores: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    refusal, compliance, clean_metric, patched_metric = [], [], [], []
+    total = (len(prompts) + batch_size - 1) // batch_size * len(layers) * steps
+    with tqdm(total=total, desc="attribution patching", unit="pass", disable=not progress) as bar:
+        for start in range(0, len(prompts), batch_size):
+            inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device)
+            keep = (inputs["position_ids"] >= skip_first) & inputs["attention_mask"].bool()  # [batch, seq]
+            with torch.no_grad(), record_residual(model, layers) as clean_hidden:
+                clean_logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()  # [batch, vocab]
+            with torch.no_grad(), intervene(model, patch), record_residual(model, layers) as patched_hidden:
+                patched_logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+            r, c = clean_logits.argmax(-1), patched_logits.argmax(-1)  # [batch]
+            refusal += r.tolist()
+            compliance += c.tolist()
+            clean_metric.append(_metric(clean_logits, c, r).cpu())
+            patched_metric.append(_metric(patched_logits, c, r).cpu())
+            for layer in layers:
+                sae = saes[layer]
+                with torch.no_grad():
+                    clean = sae.encode(clean_hidden[layer].to(sae.W_dec))  # [batch, seq, d_sae]
+                    delta = sae.encode(patched_hidden[layer].to(sae.W_dec)) - clean  # [batch, seq, d_sae]
+                gradient = torch.zeros_like(clean)
+                for step in range(steps):
+                    point = (clean + (step + 0.5) / steps * delta).requires_grad_(True)
+                    with torch.enable_grad(), splice(model, sae, layer, use_error_term=True, skip_first=skip_first,
+                                                     edit=lambda latents, point=point: point):
+                        logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+                        (grad,) = torch.autograd.grad(_metric(logits, c, r).sum(), point)
+                    gradient += grad / steps
+                    bar.update()
+                effect = (gradient * delta * keep.unsqueeze(-1)).sum(1)  # [batch, d_sae]
+                scores[layer].append(effect.detach().float().cpu())
+    return Attribution({layer: torch.cat(parts) for layer, parts in scores.items()}, refusal, compliance,
+                       torch.cat(clean_metric), torch.cat(patched_metric))
+
+
+def _metric(logits: Tensor, compliance: Tensor, refusal: Tensor) -> Tensor:
+    """logit(compliance) - logit(refusal) per row of logits [batch, vocab]: [batch]."""
+    return logits.gather(-1, compliance[:, None])[:, 0] - logits.gather(-1, refusal[:, None])[:, 0]

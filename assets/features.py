@@ -77,19 +77,25 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
     scores = refusal_score(answer_log_probs(loaded.model, loaded.tokenizer, texts, None, settings.batch_size), refusal_ids)
     refused = [i for i, s in enumerate(scores.tolist()) if s > 0][:settings.attribution_prompts]
     if len(refused) < MIN_ATTRIBUTION_PROMPTS:
-        raise ValueError(f"Only {len(refused)} of {len(texts)} harmful train prompts are refused; attribution needs at least "
-                         f"{MIN_ATTRIBUTION_PROMPTS}, so this model may not refuse enough to study.")
-    prompt_ids = [pool["prompt_id"][i].as_py() for i in refused]
+        # As in the directions study: a model that refuses almost nothing is attributed on all prompts, with a warning.
+        context.log.warning("Only %d of %d harmful train prompts are refused by refusal score; attributing on the first %d "
+                            "unfiltered.", len(refused), len(texts), settings.attribution_prompts)
+        refused = list(range(min(len(texts), settings.attribution_prompts)))
     result = attribution_patching(loaded.model, loaded.tokenizer, {layer: item.sae for layer, item in items.items()},
                                   [texts[i] for i in refused], Ablate(direction.float()), settings.attribution_steps,
                                   batch_size=8, skip_first=skip)
+    # Prompts whose first answer token the ablation does not change have a metric that is zero everywhere.
+    moved = [j for j, (r, c) in enumerate(zip(result.refusal_tokens, result.compliance_tokens)) if r != c] \
+        or list(range(len(refused)))
+    prompt_ids = [pool["prompt_id"][refused[j]].as_py() for j in moved]
+    scores_by_layer = {layer: result.scores[layer][moved] for layer in result.scores}
     size = settings.feature_set_size
     table_rows = []
     per_layer = {}
     for layer, item in sorted(items.items()):
         cosine = decoder_cosines(item.sae, direction).cpu().double()
         difference = (latents[layer][harmful].mean((0, 1)) - latents[layer][harmless].mean((0, 1))).double()
-        attribution = result.scores[layer].double()  # [n_prompts, d_sae]
+        attribution = scores_by_layer[layer].double()  # [n_prompts, d_sae]
         cosine_rank = _ranks(cosine)
         candidates = set(torch.topk(cosine, max(settings.cosine_top_k, size)).indices.tolist())
         candidates |= set(torch.topk(difference, size).indices.tolist())
@@ -112,8 +118,8 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
                     "activation_difference": float(difference[latent]), "cosine_rank": int(cosine_rank[latent]),
                     "attribution": score(layer, latent), "combined_rank": combined.get((layer, latent))})
     table = pa.Table.from_pylist(table_rows, schema=LATENT_ATTRIBUTIONS)
-    context.log.info("Attribution over %d refused harmful prompts; metric clean %.2f -> ablated %.2f.", len(prompt_ids),
-                     float(result.clean_metric.mean()), float(result.patched_metric.mean()))
+    context.log.info("Attribution over %d harmful prompts; metric clean %.2f -> ablated %.2f.", len(prompt_ids),
+                     float(result.clean_metric[moved].mean()), float(result.patched_metric[moved].mean()))
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations,
                                                            refusal_directions=refusal_directions, saes=saes),
                "prompt_set_sha256": content_sha256(prompts),
@@ -122,8 +128,8 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
                                     "metric": "logit(own compliance token) - logit(own refusal token), last position"})}
     staged = spool([table], LATENT_ATTRIBUTIONS, study.staging_dir, lineage)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
-        "n_attribution_prompts": len(prompt_ids), "metric_clean": round(float(result.clean_metric.mean()), 3),
-        "metric_ablated": round(float(result.patched_metric.mean()), 3),
+        "n_attribution_prompts": len(prompt_ids), "metric_clean": round(float(result.clean_metric[moved].mean()), 3),
+        "metric_ablated": round(float(result.patched_metric[moved].mean()), 3),
         "candidates_per_layer": {str(layer): len(v[0]) for layer, v in per_layer.items()}})
 
 

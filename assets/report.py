@@ -21,7 +21,7 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     pngs = {p.stem: p for p in sorted((root / "figures" / f"model={key}").glob("*.png"))}
     with connect(root) as warehouse:
         tables = {name: warehouse.rows(named_query(name), key) for name in REPORT_TABLES}
-    page = render_report(key, pngs, tables, lineage_tree(root, "intervention_effects", key))
+    page = render_report(key, pngs, tables, lineage_tree(root, "intervention_effects", key) + [""] + lineage_tree(root, "feature_effects", key))
     path = root / "report" / f"model={key}" / "index.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")

@@ -8,7 +8,9 @@ import dagster as dg
 
 from assets.activations import activations
 from assets.behaviour import baseline_generations
+from assets.clamping import feature_effects, feature_generations
 from assets.directions import category_directions, refusal_directions
+from assets.features import feature_cards, feature_sets, latent_attributions
 from assets.figures import figures
 from assets.interventions import intervention_effects, intervention_generations
 from assets.prompts import prompts
@@ -34,6 +36,11 @@ ASSETS = [
     intervention_generations,
     intervention_effects,
     saes,
+    latent_attributions,
+    feature_sets,
+    feature_cards,
+    feature_generations,
+    feature_effects,
     figures,
     report,
 ]

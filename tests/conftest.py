@@ -51,6 +51,10 @@ max_prompts_per_label = 6
 jailbreak_base_prompts = 2
 max_eval_prompts_per_label = 3
 selection_prompts = 3
+attribution_prompts = 4
+attribution_steps = 2
+cosine_top_k = 4
+feature_set_size = 3
 direction_candidates = 2
 max_new_tokens = 6
 """

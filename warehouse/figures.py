@@ -15,11 +15,41 @@ DPI = 200
 
 
 def refusal_by_intervention(rows: list[dict], study: str):
-    """Grouped bars: refusal rate per eval set and method (substring judge), with 95% intervals."""
+    """Grouped bars: refusal rate per eval set and direction intervention (substring judge), with 95% intervals."""
+    return _rate_bars(rows, f"Refusal by intervention, {study}")
+
+
+def feature_clamping(rows: list[dict], study: str):
+    """Grouped bars: refusal rate per eval set and method, SAE feature sets beside the direction (the paper's main table)."""
+    return _rate_bars([r for r in rows if r["eval_set"] in ("harmful", "harmless")], f"Clamping SAE feature sets, {study}",
+                      figsize=(8.4, 4.2))
+
+
+def attribution_by_layer(rows: list[dict], study: str):
+    """Scatter per layer of the candidate latents: decoder cosine with the refusal direction against attribution."""
+    layers = sorted({r["layer_index"] for r in rows})
+    figure, axes = plt.subplots(1, len(layers), figsize=(3.4 * len(layers), 3.4), sharey=True, squeeze=False)
+    for axis, layer in zip(axes[0], layers):
+        members = [r for r in rows if r["layer_index"] == layer]
+        chosen = [r for r in members if r["in_cossim_ap"]]
+        axis.scatter([r["decoder_cosine"] for r in members], [r["attribution"] for r in members], s=8, color="0.6",
+                     label="candidate")
+        axis.scatter([r["decoder_cosine"] for r in chosen], [r["attribution"] for r in chosen], s=24, color="C3",
+                     marker="*", label="CosSim+AP set")
+        axis.axhline(0, color="0.8", linewidth=0.8)
+        axis.set_title(f"layer {layer}", fontsize=9)
+        axis.set_xlabel("decoder cosine with refusal direction")
+    axes[0][0].set_ylabel("attribution (IG, mean over prompts)")
+    axes[0][0].legend(frameon=False, fontsize=7)
+    figure.suptitle(f"Latent attribution by layer, {study}", fontsize=10)
+    return figure
+
+
+def _rate_bars(rows: list[dict], title: str, figsize: tuple[float, float] = (6.4, 3.8)):
     rows = [r for r in rows if r["judge"] == "substring"]
     sets = sorted({r["eval_set"] for r in rows})
-    methods = sorted({r["method"] for r in rows}, key=lambda m: (m != "none", m))
-    figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    methods = sorted({r["method"] for r in rows}, key=lambda m: (m not in ("none", "baseline"), m))
+    figure, axis = plt.subplots(figsize=figsize)
     width = 0.8 / max(1, len(methods))
     for k, method in enumerate(methods):
         found = {r["eval_set"]: r for r in rows if r["method"] == method}
@@ -27,13 +57,13 @@ def refusal_by_intervention(rows: list[dict], study: str):
         rate = [found[s]["refusal_rate"] for s in sets if s in found]
         low = [found[s]["refusal_rate"] - found[s]["ci_low"] for s in sets if s in found]
         high = [found[s]["ci_high"] - found[s]["refusal_rate"] for s in sets if s in found]
-        axis.bar(x, rate, width, yerr=[low, high], capsize=3, label=method)
+        axis.bar(x, rate, width, yerr=[low, high], capsize=2, label=method)
     axis.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(sets))], sets)
     axis.set_ylim(0, 1.05)
     axis.set_ylabel("refusal rate (substring judge)")
     axis.set_xlabel("eval set")
-    axis.set_title(f"Refusal by intervention, {study}\n(95% bootstrap intervals; a missing bar is 0%)", fontsize=10)
-    axis.legend(title="method", frameon=False)
+    axis.set_title(f"{title}\n(95% bootstrap intervals; a missing bar is 0%)", fontsize=10)
+    axis.legend(title="method", frameon=False, fontsize=7, bbox_to_anchor=(1.0, 1.0), loc="upper left")
     return figure
 
 
@@ -89,6 +119,8 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     "refusal_by_intervention": ("main_table", refusal_by_intervention),
     "direction_selection": ("direction_selection_all", direction_selection),
     "category_cosines": ("category_cosines", category_cosines),
+    "feature_clamping": ("feature_table", feature_clamping),
+    "attribution_by_layer": ("attribution_by_layer", attribution_by_layer),
 }
 """Figure name to (named query it is drawn from, drawing function)."""
 

@@ -62,3 +62,45 @@ SELECT model, layer_index, sae_source, width, round(explained_variance, 3) AS ex
        round(ce_loss_recovered, 3) AS ce_loss_recovered, n_tokens
 FROM saes
 ORDER BY model, layer_index;
+
+-- name: feature_table
+-- Refusal rate per method and eval set: baseline, direction ablation/addition and each SAE feature set clamped or set (the paper's main table).
+SELECT model, eval_set, method, judge, n_prompts, round(refusal_rate, 3) AS refusal_rate,
+       round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high, round(mean_refusal_score, 2) AS mean_refusal_score
+FROM (
+    SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
+           CASE intervention_kind WHEN 'none' THEN 'baseline' WHEN 'ablate' THEN 'direction ablation'
+                WHEN 'add' THEN 'direction addition' ELSE intervention_kind END AS method
+    FROM intervention_effects
+    UNION ALL
+    SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
+           intervention_kind || ' ' || json_extract_string(intervention_parameters, '$.parts[0].feature_set') AS method
+    FROM feature_effects
+)
+ORDER BY model, judge, eval_set, method;
+
+-- name: top_latents
+-- The CosSim+AP ranking over all prompts: latents in their layer's cosine top-k, by attribution.
+SELECT model, combined_rank, layer_index, latent_index, round(decoder_cosine, 3) AS decoder_cosine, cosine_rank,
+       round(activation_difference, 3) AS activation_difference, round(attribution, 4) AS attribution
+FROM latent_attributions
+WHERE prompt_id IS NULL AND combined_rank IS NOT NULL
+ORDER BY model, combined_rank;
+
+-- name: feature_cards
+-- Each selected latent with its scores and the stored prompt that activates it most.
+SELECT model, layer_index, latent_index, array_to_string(feature_sets, ',') AS feature_sets,
+       round(decoder_cosine, 3) AS decoder_cosine, round(attribution, 4) AS attribution,
+       top_prompts[1].label AS top_label, round(top_prompts[1].activation, 2) AS top_activation,
+       left(top_prompts[1].text, 70) AS top_prompt, neuronpedia_url
+FROM feature_cards
+ORDER BY model, layer_index, latent_index;
+
+-- name: attribution_by_layer
+-- Every candidate latent's decoder cosine and attribution, marked when it is in the CosSim+AP feature set.
+SELECT a.model, a.layer_index, a.latent_index, a.decoder_cosine, a.attribution, a.combined_rank,
+       s.latent_index IS NOT NULL AS in_cossim_ap
+FROM latent_attributions a
+LEFT JOIN (SELECT * FROM feature_sets WHERE feature_set = 'cossim_ap') s USING (model, layer_index, latent_index)
+WHERE a.prompt_id IS NULL
+ORDER BY a.model, a.layer_index, a.latent_index;

@@ -16,7 +16,10 @@ from refusal_core.tables import (
     DIRECTION_CANDIDATES,
     DIRECTIONS,
     EFFECTS,
+    FEATURE_CARDS,
+    FEATURE_SETS,
     GENERATIONS,
+    LATENT_ATTRIBUTIONS,
     LINEAGE,
     PROMPTS,
     SAE_QUALITY,
@@ -31,6 +34,11 @@ SCHEMAS = {
     "saes": SAE_QUALITY,
     "intervention_generations": GENERATIONS,
     "intervention_effects": EFFECTS,
+    "latent_attributions": LATENT_ATTRIBUTIONS,
+    "feature_sets": FEATURE_SETS,
+    "feature_cards": FEATURE_CARDS,
+    "feature_generations": GENERATIONS,
+    "feature_effects": EFFECTS,
     "lineage": LINEAGE,
 }
 """Every table of the warehouse; a view over a table with no file yet is empty but has its columns.

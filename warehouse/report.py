@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-REPORT_TABLES = ("main_table", "direction_selection", "category_cosines")
+REPORT_TABLES = ("main_table", "feature_table", "direction_selection", "category_cosines", "sae_quality", "feature_cards")
 """Named queries shown as tables in the report."""
 
 

@@ -18,6 +18,16 @@ CREATE VIEW refusal_directions AS
     SELECT * FROM read_parquet('{root}/refusal_directions/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW intervention_effects AS
     SELECT * FROM read_parquet('{root}/intervention_effects/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW latent_attributions AS
+    SELECT * FROM read_parquet('{root}/latent_attributions/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW feature_sets AS
+    SELECT * FROM read_parquet('{root}/feature_sets/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW feature_cards AS
+    SELECT * FROM read_parquet('{root}/feature_cards/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW feature_generations AS
+    SELECT * FROM read_parquet('{root}/feature_generations/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW feature_effects AS
+    SELECT * FROM read_parquet('{root}/feature_effects/model=*/*.parquet', hive_partitioning = true);
 
 -- Derived views, over the table views above.
 CREATE VIEW direction_cosines AS

@@ -62,8 +62,10 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert check is not None
         sae_lineage = pq.read_table(warehouse / "lineage" / f"model={key}" / "saes.parquet").to_pylist()[0]
         assert sae_lineage["sae_source"].startswith("1=trained:") and len(sae_lineage["sae_sha256"]) > 64
+        _check_feature_tables(warehouse, key)
         pngs = sorted(p.name for p in (warehouse / "figures" / f"model={key}").glob("*.png"))
-        assert pngs == ["category_cosines.png", "direction_selection.png", "refusal_by_intervention.png"]
+        assert pngs == ["attribution_by_layer.png", "category_cosines.png", "direction_selection.png", "feature_clamping.png",
+                        "refusal_by_intervention.png"]
         figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization
         assert figure_event.metadata["refusal_by_intervention"].value.startswith("![refusal_by_intervention](data:image/png;base64,")
         _check_report(warehouse / "report" / f"model={key}" / "index.html", key)
@@ -87,10 +89,12 @@ def _check_report(path, key):
 
     page = Collect()
     page.feed(path.read_text())
-    assert {"refusal_by_intervention", "direction_selection", "category_cosines", "table-main_table", "lineage"} <= page.ids
-    assert page.images == 3
+    assert {"refusal_by_intervention", "direction_selection", "category_cosines", "feature_clamping", "attribution_by_layer",
+            "table-main_table", "table-feature_table", "table-feature_cards", "lineage"} <= page.ids
+    assert page.images == 5
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
+    assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text
 
 
 def _check_direction_tables(warehouse, key):
@@ -120,6 +124,35 @@ def _check_direction_tables(warehouse, key):
         assert (row["kl"] is not None) == (row["eval_set"] == "harmless")
         assert (row["cross_entropy_change"] is not None) == (row["eval_set"] == "harmless")
     assert all(r["kl"] == 0.0 for r in effects if r["intervention_kind"] == "none" and r["eval_set"] == "harmless")
+
+
+def _check_feature_tables(warehouse, key):
+    read = lambda name: pq.read_table(warehouse / name / f"model={key}" / "data.parquet")  # noqa: E731
+    attributions = read("latent_attributions")
+    overall = attributions.filter(attributions["prompt_id"].is_null()).to_pylist()
+    per_prompt = attributions.filter(attributions["prompt_id"].is_valid()).to_pylist()
+    assert overall and len(per_prompt) % len(overall) == 0 and len(per_prompt) >= len(overall)
+    assert all(row["layer_index"] == 1 and 0 <= row["latent_index"] < 96 for row in overall)
+    assert sorted(r["combined_rank"] for r in overall if r["combined_rank"] is not None) == list(range(1, 5))
+    assert all((r["combined_rank"] is not None) == (r["cosine_rank"] <= 4) for r in overall)
+    sets = read("feature_sets").to_pylist()
+    names = ("cossim_ap", "cosine", "activation_difference", "attribution", "random")
+    assert {name: sum(r["feature_set"] == name for r in sets) for name in names} == dict.fromkeys(names, 3)
+    cossim = {r["latent_index"] for r in sets if r["feature_set"] == "cossim_ap"}
+    assert not cossim & {r["latent_index"] for r in sets if r["feature_set"] == "random"}
+    ranked = sorted((r for r in overall if r["combined_rank"] is not None), key=lambda r: r["combined_rank"])
+    assert [r["latent_index"] for r in ranked[:3]] == [r["latent_index"] for r in sets if r["feature_set"] == "cossim_ap"]
+    cards = read("feature_cards").to_pylist()
+    assert {(c["layer_index"], c["latent_index"]) for c in cards} == {
+        (r["layer_index"], r["latent_index"]) for r in sets if r["feature_set"] != "random"}
+    assert all(c["neuronpedia_url"] is None and len(c["top_prompts"]) <= 5 for c in cards)
+    generated = read("feature_generations").to_pylist()
+    kinds = {(r["intervention_kind"], json.loads(r["intervention_parameters"])["parts"][0]["feature_set"], r["label"])
+             for r in generated}
+    assert kinds == {("clamp", name, "harmful") for name in names} | {("induce", "cossim_ap", "harmless"),
+                                                                      ("induce", "random", "harmless")}
+    effects = read("feature_effects").to_pylist()
+    assert len(effects) == 2 * 7 and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
 
 
 def test_rematerializing_unchanged_inputs_gives_the_same_data_version_and_bytes(tiny_registry, warehouse):

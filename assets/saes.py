@@ -16,8 +16,8 @@ from refusal_core.saes import LoadedSae, load_local_sae, load_pretrained_sae, lo
 from refusal_core.tables import SAE_QUALITY, Spool, spool, to_json
 
 QUALITY_CHECK = "sae_quality_thresholds"
-EVAL_TEXTS = 64
-"""Held-out prompts the quality of each SAE is measured on (three full forward passes each)."""
+EVAL_TEXTS = 48
+"""Held-out prompts the SAEs are graded on (a clean pass, then a spliced and a zero-ablated pass per layer)."""
 
 
 class SaeQualityConfig(dg.Config):
@@ -60,8 +60,10 @@ def saes(context: dg.AssetExecutionContext, config: SaeQualityConfig, study: Stu
     else:
         sae_list = [load_sae(spec, layer, loaded.d_model, None, str(loaded.device)) for layer in spec.layers]
     rows = []
+    qualities = sae_quality(loaded.model, loaded.tokenizer, {item.layer: item.sae for item in sae_list}, evaluation,
+                            settings.batch_size, skip) if sae_list else {}
     for item in sae_list:
-        quality = sae_quality(loaded.model, loaded.tokenizer, item.sae, item.layer, evaluation, settings.batch_size, skip)
+        quality = qualities[item.layer]
         source = item.source.replace("local:", "trained:", 1) if spec.kind == "train" else item.source
         sources[item.layer] = (source, item.weights_sha256)
         rows.append({"model_key": loaded.study.key, "layer_index": item.layer, "sae_source": source, "sae_id": item.sae_id,

@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="Materialize every asset of a study (the main job).")
     run.add_argument("--study", help="Registry key; the registry's default when left out.")
+    run.add_argument("--from", dest="start", metavar="ASSET",
+                     help="Materialize only ASSET and everything downstream of it, reading the rest from the warehouse.")
     commands.add_parser("studies", help="List the studies in the registry.")
     gen = commands.add_parser("generate", help="Generate and judge answers to a prompt file, optionally intervening.")
     gen.add_argument("--model", help="Study key; the registry's default when left out.")
@@ -48,19 +50,27 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from pipelines.definitions import defs, study_job
+    from pipelines.definitions import build_definitions, study_job
     from pipelines.partitions import studies
     from refusal_core.registry import load_registry
 
     registry = load_registry(paths.registry_path())
     key = args.study or registry.default
     registry.get(key)
+    defs = build_definitions()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else _local_instance()
     if not instance.has_dynamic_partition(studies.name, key):
         instance.add_dynamic_partitions(studies.name, [key])
+    selection = None
+    if args.start:
+        graph = defs.resolve_asset_graph()
+        names = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
+        if args.start not in names:
+            raise ValueError(f"--from {args.start!r} is not an asset; choose one of {', '.join(names)}.")
+        selection = sorted(dg.AssetSelection.assets(args.start).downstream().resolve(graph), key=str)
     started = time.perf_counter()
     result = defs.resolve_job_def(study_job.name).execute_in_process(
-        partition_key=key, instance=instance, raise_on_error=False
+        partition_key=key, instance=instance, raise_on_error=False, asset_selection=selection
     )
     if not result.success:
         for event in result.all_events:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,15 +32,70 @@ class ActivationBatch:
     """Tokens in the batch without padding, for throughput."""
 
 
-def tokenize_batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device) -> dict[str, Tensor]:
-    """Left-padded input ids, attention mask and position ids that skip the padding."""
-    encoded = tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
-    mask = encoded["attention_mask"]  # [batch, seq]
-    # Position ids count real tokens only, as generate() does, so a left-padded prompt sees the
-    # same positions as it would alone.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, seq]
-    return {"input_ids": encoded["input_ids"].to(device), "attention_mask": mask.to(device),
-            "position_ids": positions.to(device)}
+@dataclass(frozen=True)
+class PrefixCache:
+    """The key-value cache of the tokens every prompt of a run starts with (a chat template's system prompt)."""
+
+    ids: list[int]
+    cache: object
+    """The model's cache after the prefix, for one sequence; copied for each batch."""
+
+
+def prefix_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 n_prefix: int) -> PrefixCache | None:
+    """Run the first `n_prefix` tokens once, when every prompt starts with them and has more; else None."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    if n_prefix <= 0 or not ids or any(len(row) <= n_prefix or row[:n_prefix] != ids[0][:n_prefix] for row in ids):
+        return None
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        cache = model.get_decoder()(input_ids=torch.tensor([ids[0][:n_prefix]], device=device), use_cache=True).past_key_values
+    return PrefixCache(ids[0][:n_prefix], cache)
+
+
+def tokenize_batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], device: torch.device,
+                   prefix: PrefixCache | None = None) -> dict[str, Tensor]:
+    """Left-padded input ids, attention mask and position ids that skip the padding.
+
+    With `prefix`, only the tokens after it are given, right-padded so that every prompt's tokens follow
+    the prefix without a gap (sliding-window attention counts positions), on top of a fresh copy of the
+    prefix's cache; `input_mask` then says which given tokens are real and `last_index` where each ends.
+    """
+    if prefix is None:
+        encoded = tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
+        mask = encoded["attention_mask"]  # [batch, seq]
+        # Position ids count real tokens only, as generate() does, so a left-padded prompt sees the
+        # same positions as it would alone.
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, seq]
+        return {"input_ids": encoded["input_ids"].to(device), "attention_mask": mask.to(device),
+                "position_ids": positions.to(device)}
+    n_prefix = len(prefix.ids)
+    rows = [row[n_prefix:] for row in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    if any(not row for row in rows):
+        raise ValueError("A prompt has no tokens after the shared prefix; build the prefix cache from these prompts.")
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    cache = copy.deepcopy(prefix.cache)
+    cache.batch_repeat_interleave(len(rows))
+    return {"input_ids": input_ids.to(device),
+            "attention_mask": torch.cat([torch.ones(len(rows), n_prefix, dtype=torch.long), mask], dim=1).to(device),
+            "position_ids": (n_prefix + torch.arange(width)).expand(len(rows), width).to(device),
+            "past_key_values": cache, "use_cache": True}
+
+
+def input_mask(inputs: dict[str, Tensor]) -> Tensor:
+    """Which of the given tokens [batch, seq] are real (not padding), with or without a prefix cache."""
+    return inputs["attention_mask"][:, -inputs["input_ids"].shape[1]:].bool()
+
+
+def last_index(inputs: dict[str, Tensor]) -> Tensor:
+    """Index [batch] of each prompt's last real token among the given tokens (left or right padding)."""
+    mask = input_mask(inputs)
+    return mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
 
 
 def capture(

@@ -62,7 +62,7 @@ class SaeSpec(_Strict):
     training_tokens: int = Field(
         default=150_000, gt=0, description="Samples seen per layer in training (epochs over the collected tokens)."
     )
-    learning_rate: float = Field(default=5e-4, gt=0, description="Adam learning rate (kind = train).")
+    learning_rate: float = Field(default=2e-3, gt=0, description="Adam learning rate (kind = train).")
     l0_target: float | None = Field(default=None, description="Pick the pretrained SAE whose L0 is closest.")
 
 
@@ -119,7 +119,7 @@ class Settings(_Strict):
         default=12, gt=0, description="Candidates (best by cosine score) whose ablation and addition are measured."
     )
     attribution_prompts: int = Field(
-        default=32, gt=0, description="Refused harmful train prompts whose latents get attribution patching scores."
+        default=16, gt=0, description="Refused harmful train prompts whose latents get attribution patching scores."
     )
     attribution_steps: int = Field(default=10, gt=0, description="Integrated-gradients steps of attribution patching.")
     cosine_top_k: int = Field(

@@ -7,7 +7,7 @@ from refusal_core.generation import generate
 from refusal_core.hooks import decoder_layers, hooked, record_residual, untuple
 from refusal_core.interventions import Ablate, Clamp, Compose, describe, intervene
 from refusal_core.saes import splice
-from tests.tiny import random_sae
+from tests.tiny import load_tiny, random_sae
 
 PROMPTS = ["How do I bake bread?", "List three colours.", "Write a poem about the sea, please.", "Hi"]
 
@@ -109,3 +109,27 @@ def test_decoder_cosines_and_encoding(sae):
     assert cosines.shape == (128,) and int(cosines.argmax()) == 7 and abs(float(cosines[7]) - 1) < 1e-5
     rows = torch.randn(10, 64)
     assert torch.allclose(encode_rows(sae, rows, batch_size=3), sae.encode(rows).detach())
+
+
+def test_attribution_with_a_shared_prefix_cache_equals_the_full_passes(tiny_models, monkeypatch):
+    from refusal_core import attribution
+
+    model, tokenizer = load_tiny(tiny_models["qwen2"])
+    torch.manual_seed(1)
+    sae = random_sae(layer=1)
+    with torch.no_grad():
+        sae.W_enc.copy_(sae.W_dec.T)
+    prefix = "System: be helpful and kind. User:"
+    n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    prompts = [f"{prefix} {text}" for text in PROMPTS]
+    patch = Ablate(torch.randn(64))
+    cached = attribution_patching(model, tokenizer, {1: sae}, prompts, patch, steps=3, batch_size=3,
+                                  skip_first=n_prefix, progress=False)
+    monkeypatch.setattr(attribution, "prefix_cache", lambda *args: None)
+    full = attribution_patching(model, tokenizer, {1: sae}, prompts, patch, steps=3, batch_size=3,
+                                skip_first=n_prefix, progress=False)
+    assert cached.refusal_tokens == full.refusal_tokens and cached.compliance_tokens == full.compliance_tokens
+    assert torch.allclose(cached.clean_metric, full.clean_metric, atol=1e-4)
+    assert torch.allclose(cached.patched_metric, full.patched_metric, atol=1e-4)
+    assert torch.allclose(cached.scores[1], full.scores[1], atol=1e-4)
+    assert float(full.scores[1].abs().max()) > 1e-3

@@ -110,7 +110,7 @@ def test_train_saes_writes_a_loadable_sae_that_explains_variance(trained_qwen, t
     assert isinstance(loaded.sae, TopKSAE) and loaded.sae.cfg.k == 8 and loaded.sae.cfg.d_sae == 128
     spec = SaeSpec(kind="local", path=trained_saes, layers=[1])
     assert load_sae(spec, 1, 64).weights_sha256 == loaded.weights_sha256
-    quality = sae_quality(model, tokenizer, loaded.sae, 1, HARMLESS[:64])
+    quality = sae_quality(model, tokenizer, {1: loaded.sae}, HARMLESS[:64])[1]
     assert quality.explained_variance > 0.5
     assert quality.mean_l0 == pytest.approx(8.0)
     assert 0 <= quality.dead_fraction < 0.5
@@ -172,8 +172,11 @@ def test_splice_with_error_term_leaves_logits_unchanged(trained_qwen, trained_sa
 
 def test_ce_loss_recovered_of_trained_sae_beats_a_random_sae(trained_qwen, trained_saes):
     model, tokenizer = trained_qwen
-    trained = sae_quality(model, tokenizer, load_local_sae(trained_saes / "layer_1", 1, 64).sae, 1, HARMLESS[:64])
-    untrained = sae_quality(model, tokenizer, random_sae(), 1, HARMLESS[:64])
+    trained = sae_quality(model, tokenizer, {1: load_local_sae(trained_saes / "layer_1", 1, 64).sae}, HARMLESS[:64])[1]
+    untrained = sae_quality(model, tokenizer, {1: random_sae()}, HARMLESS[:64])[1]
+    both = sae_quality(model, tokenizer, {1: load_local_sae(trained_saes / "layer_1", 1, 64).sae, 2: random_sae(layer=2)},
+                       HARMLESS[:64])
+    assert both[1] == trained and both[2].ce_clean == trained.ce_clean
     assert trained.ce_clean < trained.ce_spliced < trained.ce_zero_ablation
     assert torch.isfinite(torch.tensor(trained.ce_loss_recovered))
     assert trained.ce_loss_recovered > untrained.ce_loss_recovered
@@ -245,3 +248,23 @@ def test_pretrained_downloads_are_pinned_to_the_revision(monkeypatch, tmp_path):
     assert torch.equal(loaded.sae.W_dec, sae.W_dec)
     assert calls and all(call[2:] == ("0123abc", tmp_path / "cache") for call in calls)
     assert {call[0] for call in calls} == {"jbloom/GPT2-Small-OAI-v5-32k-resid-post-SAEs"}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_residual_tokens_reuse_a_shared_prefix_and_match_the_full_pass(tiny_models, family):
+    model, tokenizer = load_tiny(tiny_models[family])
+    prefix = "System: you are a helpful assistant. User:"
+    prompts = [f"{prefix} {text}" for text in ["How do I bake bread?", "Hi", "Write a haiku about the sea.", "Name rivers."]]
+    n_prefix = len(tokenizer(prefix, add_special_tokens=False)["input_ids"])
+    assert all(tokenizer(p, add_special_tokens=False)["input_ids"][:n_prefix] ==
+               tokenizer(prefix, add_special_tokens=False)["input_ids"] for p in prompts)
+    cached = list(residual_tokens(model, tokenizer, prompts, [0, 1], batch_size=3, skip_first=n_prefix))
+    for layer in (0, 1):  # not the last: output_hidden_states gives it after the final norm
+        got = torch.cat([batch[layer] for batch in cached])
+        expected = []
+        for prompt in prompts:
+            inputs = tokenize_batch(tokenizer, [prompt], torch.device("cpu"))
+            with torch.no_grad():
+                expected.append(model(**inputs, output_hidden_states=True).hidden_states[layer + 1][0, n_prefix:])
+        assert got.shape == torch.cat(expected).shape
+        assert torch.allclose(got, torch.cat(expected), atol=1e-4)

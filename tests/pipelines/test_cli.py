@@ -40,3 +40,24 @@ def test_run_rejects_an_unknown_study(monkeypatch, tiny_registry, capsys):
     monkeypatch.setenv("REFUSAL_SAE_REGISTRY", str(tiny_registry))
     assert main(["run", "--study", "nope"]) == 2
     assert "Unknown study 'nope'; known studies: tiny-gemma2, tiny-qwen2." in capsys.readouterr().err
+
+
+def test_run_from_an_asset_rematerializes_only_it_and_what_is_downstream(monkeypatch, tiny_registry, tmp_path, capsys):
+    warehouse = tmp_path / "warehouse"
+    monkeypatch.setenv("REFUSAL_SAE_REGISTRY", str(tiny_registry))
+    monkeypatch.setenv("REFUSAL_SAE_WAREHOUSE", str(warehouse))
+    monkeypatch.setenv("REFUSAL_SAE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    assert main(["run", "--from", "feature_sets"]) == 1  # nothing upstream is materialized yet
+    assert "materialize its asset first" in capsys.readouterr().err
+    with dg.instance_for_test() as instance:
+        assert _materialize(tiny_registry, warehouse, "tiny-qwen2", instance).success
+    table = lambda name: warehouse / name / "model=tiny-qwen2" / "data.parquet"  # noqa: E731
+    before = {name: table(name).stat().st_mtime_ns for name in ("activations", "saes", "feature_sets", "feature_effects")}
+    assert main(["run", "--from", "feature_sets"]) == 0
+    after = {name: table(name).stat().st_mtime_ns for name in before}
+    assert after["activations"] == before["activations"] and after["saes"] == before["saes"]
+    assert after["feature_sets"] > before["feature_sets"] and after["feature_effects"] > before["feature_effects"]
+    assert main(["run", "--from", "nonsense"]) == 2
+    assert "--from 'nonsense' is not an asset; choose one of activations," in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
 from refusal_core.tables import activations_schema
@@ -29,7 +29,7 @@ class ActivationBatch:
     The first position is the last token of the instruction; the rest are the post-instruction
     template tokens."""
     n_tokens: int
-    """Tokens in the batch without padding, for throughput."""
+    """Tokens computed for the batch (no padding, no cached shared prefix), for throughput."""
 
 
 @dataclass(frozen=True)
@@ -42,14 +42,32 @@ class PrefixCache:
 
 
 def prefix_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                 n_prefix: int) -> PrefixCache | None:
-    """Run the first `n_prefix` tokens once, when every prompt starts with them and has more; else None."""
+                 n_prefix: int | None = None, min_rest: int = 1, last_layer: int | None = None) -> PrefixCache | None:
+    """Run the tokens every prompt starts with once, for `tokenize_batch` to reuse; None if there are none.
+
+    `n_prefix` fixes how many (None if not every prompt starts with the same `n_prefix` tokens and has
+    `min_rest` more); left out, it is the longest prefix all prompts share that leaves each `min_rest`
+    tokens. With `last_layer`, the blocks after it are not run (for passes that stop there too).
+    Run it under the same intervention as the passes that will use it.
+    """
     ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    if n_prefix <= 0 or not ids or any(len(row) <= n_prefix or row[:n_prefix] != ids[0][:n_prefix] for row in ids):
+    if not ids:
+        return None
+    if n_prefix is None:
+        n_prefix = min(len(row) for row in ids) - min_rest
+        for row in ids:
+            n_prefix = next((i for i, (a, b) in enumerate(zip(row[:n_prefix], ids[0])) if a != b), n_prefix)
+    if n_prefix <= 0 or any(len(row) < n_prefix + min_rest or row[:n_prefix] != ids[0][:n_prefix] for row in ids):
         return None
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        cache = model.get_decoder()(input_ids=torch.tensor([ids[0][:n_prefix]], device=device), use_cache=True).past_key_values
+    cache = DynamicCache(config=model.config)
+    layers = [] if last_layer is None else [last_layer]
+    with torch.inference_mode(), record_residual(model, layers, stop_after_last=True):
+        try:
+            model.get_decoder()(input_ids=torch.tensor([ids[0][:n_prefix]], device=device), past_key_values=cache,
+                                use_cache=True)
+        except StopForward:
+            pass
     return PrefixCache(ids[0][:n_prefix], cache)
 
 
@@ -125,23 +143,29 @@ def capture(
     device = next(model.parameters()).device
     n_positions = len(suffix_ids) + 1
     lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    for index, length in enumerate(lengths):
+        if length < n_positions:
+            raise ValueError(f"Prompt {index} does not end with the post-instruction template tokens {list(suffix_ids)}.")
     order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
     backbone = model.get_decoder()
+    prefix = prefix_cache(model, tokenizer, prompts, min_rest=n_positions, last_layer=layers[-1])
     bar = tqdm(total=len(prompts), desc="capture activations", unit="prompt", disable=not progress)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        inputs = tokenize_batch(tokenizer, [prompts[i] for i in indices], device)
-        tails = inputs["input_ids"][:, -len(suffix_ids):].tolist()
+        inputs = tokenize_batch(tokenizer, [prompts[i] for i in indices], device, prefix)
+        kept = last_index(inputs)[:, None] - torch.arange(n_positions - 1, -1, -1, device=device)  # [batch, P]
+        tails = inputs["input_ids"].gather(1, kept[:, 1:]).tolist()
         for index, tail in zip(indices, tails):
             if tail != list(suffix_ids):
                 raise ValueError(f"Prompt {index} does not end with the post-instruction template tokens {list(suffix_ids)}.")
         with torch.inference_mode(), record_residual(model, layers, stop_after_last=True) as recorded:
             try:
-                backbone(**inputs, use_cache=False)
+                backbone(**{"use_cache": False, **inputs})
             except StopForward:
                 pass
-        stacked = torch.stack([recorded[layer][:, -n_positions:] for layer in layers], dim=1)  # [b, L, P, d]
-        yield ActivationBatch(indices, stacked.float().cpu(), int(inputs["attention_mask"].sum()))
+        rows = torch.arange(len(indices), device=device)[:, None]
+        stacked = torch.stack([recorded[layer][rows, kept] for layer in layers], dim=1)  # [b, L, P, d]
+        yield ActivationBatch(indices, stacked.float().cpu(), int(input_mask(inputs).sum()))
         bar.update(len(indices))
     bar.close()
 

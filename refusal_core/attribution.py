@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -12,10 +11,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_core.activations import input_mask, last_index, prefix_cache, tokenize_batch
+from refusal_core.activations import input_mask, prefix_cache, tokenize_batch
 from refusal_core.hooks import record_residual
 from refusal_core.interventions import Intervention, intervene
 from refusal_core.saes import splice
+from refusal_core.scoring import last_logits
 
 
 @dataclass(frozen=True)
@@ -81,10 +81,10 @@ def attribution_patching(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device, prefix)
             keep = (inputs["position_ids"] >= skip_first) & input_mask(inputs)  # [batch, seq]
             with torch.no_grad(), record_residual(model, layers) as clean_hidden:
-                clean_logits = _last_logits(model, inputs)  # [batch, vocab]
+                clean_logits = last_logits(model, inputs)  # [batch, vocab]
             patched_inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device, patched_prefix)
             with torch.no_grad(), intervene(model, patch), record_residual(model, layers) as patched_hidden:
-                patched_logits = _last_logits(model, patched_inputs)
+                patched_logits = last_logits(model, patched_inputs)
             r, c = clean_logits.argmax(-1), patched_logits.argmax(-1)  # [batch]
             refusal += r.tolist()
             compliance += c.tolist()
@@ -100,7 +100,7 @@ def attribution_patching(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                     point = (clean + (step + 0.5) / steps * delta).requires_grad_(True)
                     with torch.enable_grad(), splice(model, sae, layer, use_error_term=True, skip_first=skip_first,
                                                      edit=lambda latents, point=point: point):
-                        logits = _last_logits(model, inputs)
+                        logits = last_logits(model, inputs)
                         (grad,) = torch.autograd.grad(_metric(logits, c, r).sum(), point)
                     gradient += grad / steps
                     bar.update()
@@ -108,18 +108,6 @@ def attribution_patching(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
                 scores[layer].append(effect.detach().float().cpu())
     return Attribution({layer: torch.cat(parts) for layer, parts in scores.items()}, refusal, compliance,
                        torch.cat(clean_metric), torch.cat(patched_metric))
-
-
-def _last_logits(model: PreTrainedModel, inputs: dict) -> Tensor:
-    """Float32 logits [batch, vocab] at each prompt's last real token, computing the LM head there only.
-
-    The inputs' prefix cache (if any) is copied first, so the same inputs can be run again.
-    """
-    inputs = {**inputs, "past_key_values": copy.deepcopy(inputs["past_key_values"])} if "past_key_values" in inputs else inputs
-    last = last_index(inputs)  # [batch]
-    kept, where = torch.unique(last, return_inverse=True)  # positions whose logits are needed
-    logits = model(**{"use_cache": False, **inputs}, logits_to_keep=kept).logits  # [batch, len(kept), vocab]
-    return logits[torch.arange(len(last), device=logits.device), where].float()
 
 
 def _metric(logits: Tensor, compliance: Tensor, refusal: Tensor) -> Tensor:

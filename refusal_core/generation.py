@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_core.activations import tokenize_batch
+from refusal_core.activations import PrefixCache, prefix_cache
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -32,24 +34,29 @@ def generate(
 ) -> list[str]:
     """Greedy completions of chat-formatted `prompts`, in order, without the end-of-turn token.
 
-    Prompts are batched by length with left padding. Decoding is greedy, so the same prompts
-    always give the same completions.
+    Prompts are batched by length; the tokens they all share (the system prompt) are run once and
+    reused. Decoding is greedy, so the same prompts always give the same completions.
     """
     if not prompts:
         raise ValueError("No prompts to generate for; the prompt selection is empty.")
     device = next(model.parameters()).device
     stops = stop_token_ids(model, tokenizer)
-    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: (len(ids[i]), i))
+    # The tokens every prompt shares (the system prompt) are run once; each batch continues from a copy
+    # of their cache, with its padding placed after them. A sliding window counts padding, so models
+    # whose window the prompts could outgrow run without the shared prefix.
+    window = getattr(model.config, "sliding_window", None)
+    fits = window is None or max(map(len, ids)) + max_new_tokens <= window
+    prefix = prefix_cache(model, tokenizer, prompts) if fits else None
     completions: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        inputs = tokenize_batch(tokenizer, [prompts[i] for i in indices], device)
-        inputs.pop("position_ids")  # generate() derives them from the attention mask.
+        inputs, extra = _generation_inputs([ids[i] for i in indices], prefix, tokenizer.pad_token_id or 0, device)
         with torch.inference_mode():
             output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                **inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
                 pad_token_id=tokenizer.pad_token_id,
             )
         new_tokens = output[:, inputs["input_ids"].shape[1]:]  # [batch, new]
@@ -59,3 +66,27 @@ def generate(
         bar.update(len(indices))
     bar.close()
     return completions
+
+
+def _generation_inputs(rows: list[list[int]], prefix: PrefixCache | None, pad_id: int,
+                       device: torch.device) -> tuple[dict[str, Tensor], dict]:
+    """Input ids and attention mask for generate(): [prefix, padding, rest] with a prefix, else [padding, prompt].
+
+    generate() derives position ids from the attention mask, so padding never shifts a position.
+    """
+    n_prefix = len(prefix.ids) if prefix else 0
+    rests = [row[n_prefix:] for row in rows]
+    width = max(len(rest) for rest in rests)
+    input_ids = torch.full((len(rows), n_prefix + width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), n_prefix + width, dtype=torch.long)
+    input_ids[:, :n_prefix] = torch.tensor(prefix.ids if prefix else [], dtype=torch.long)
+    mask[:, :n_prefix] = 1
+    for i, rest in enumerate(rests):
+        input_ids[i, n_prefix + width - len(rest):] = torch.tensor(rest)
+        mask[i, n_prefix + width - len(rest):] = 1
+    extra = {}
+    if prefix is not None:
+        cache = copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(rows))
+        extra["past_key_values"] = cache
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, extra

@@ -75,7 +75,7 @@ def record_residual(
     blocks = decoder_layers(model)
     layers = check_layers(layers, len(blocks))
     recorded: dict[int, Tensor] = {}
-    last = layers[-1]
+    last = layers[-1] if layers else None
 
     def make_hook(index: int) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:

@@ -181,7 +181,7 @@ def residual_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     layers = check_layers(layers, len(decoder_layers(model)))
     device = next(model.parameters()).device
     backbone = model.get_decoder()
-    prefix = prefix_cache(model, tokenizer, prompts, skip_first)
+    prefix = prefix_cache(model, tokenizer, prompts, skip_first, last_layer=layers[-1])
     for start in range(0, len(prompts), batch_size):
         inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device, prefix)
         keep = (inputs["position_ids"] >= skip_first) & input_mask(inputs)  # [batch, seq]

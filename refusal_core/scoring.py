@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -9,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_core.activations import tokenize_batch
+from refusal_core.activations import last_index, prefix_cache, tokenize_batch
 from refusal_core.interventions import Intervention, intervene
 
 REFUSAL_WORDS = ("I", "As", "Sorry", "Unfortunately")
@@ -32,18 +33,34 @@ def answer_log_probs(
 ) -> Tensor:
     """Log-probabilities of the first answer token for each chat-formatted prompt: [n_prompts, vocab], float32.
 
-    Only the last position's logits are computed (`logits_to_keep=1`), which skips most of the LM head.
+    The tokens all prompts share (the system prompt) are run once; only the last position's logits are
+    computed, which skips most of the LM head.
     """
     if not prompts:
         raise ValueError("No prompts to score; the prompt selection is empty.")
     device = next(model.parameters()).device
+    with intervene(model, intervention):
+        prefix = prefix_cache(model, tokenizer, prompts)  # the shared system prompt, run once
     rows: list[Tensor] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="score", disable=not progress):
-        inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device)
+        inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device, prefix)
         with torch.inference_mode(), intervene(model, intervention):
-            logits = model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]  # [batch, vocab]
-        rows.append(torch.log_softmax(logits.float(), dim=-1).cpu())
+            logits = last_logits(model, inputs)  # [batch, vocab]
+        rows.append(torch.log_softmax(logits, dim=-1).cpu())
     return torch.cat(rows)
+
+
+def last_logits(model: PreTrainedModel, inputs: dict) -> Tensor:
+    """Float32 logits [batch, vocab] at each prompt's last real token, computing the LM head there only.
+
+    A prefix cache in `inputs` is copied first, so the same inputs can be run again.
+    """
+    if "past_key_values" in inputs:
+        inputs = {**inputs, "past_key_values": copy.deepcopy(inputs["past_key_values"])}
+    last = last_index(inputs)  # [batch]
+    kept, where = torch.unique(last, return_inverse=True)  # the positions whose logits are needed
+    logits = model(**{"use_cache": False, **inputs}, logits_to_keep=kept).logits  # [batch, len(kept), vocab]
+    return logits[torch.arange(len(last), device=logits.device), where].float()
 
 
 def refusal_score(log_probs: Tensor, refusal_ids: Sequence[int]) -> Tensor:

@@ -133,3 +133,4 @@ def test_attribution_with_a_shared_prefix_cache_equals_the_full_passes(tiny_mode
     assert torch.allclose(cached.patched_metric, full.patched_metric, atol=1e-4)
     assert torch.allclose(cached.scores[1], full.scores[1], atol=1e-4)
     assert float(full.scores[1].abs().max()) > 1e-3
+

@@ -161,7 +161,11 @@ def load_local_sae(folder: Path, layer: int, d_model: int, device: str = "cpu") 
     """Load an SAE saved in sae-lens format (cfg.json + sae_weights.safetensors), checked against the model."""
     if not (folder / "cfg.json").is_file():
         raise FileNotFoundError(f"{folder} has no cfg.json; point saes.path at a folder saved by sae-lens.")
-    sae = SAE.load_from_disk(folder, device=device, dtype="float32")
+    try:
+        sae = SAE.load_from_disk(folder, device=device, dtype="float32")
+    except Exception as error:  # safetensors, JSON and config errors all mean the same thing here
+        raise ValueError(f"The SAE in {folder} cannot be read ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                         "delete the folder to train it again, or point saes.path at an intact one.") from error
     _check_sae(sae, layer, d_model, str(folder))
     return LoadedSae(sae.eval(), layer, folder.name, f"local:{folder}", _sha256(sae))
 
@@ -425,8 +429,12 @@ def _train_layer(sae: TopKTrainingSAE | StandardTrainingSAE, buffer: Tensor, fol
     )
     trainer = SAETrainer(config, sae, data_provider=iter(()), save_checkpoint_fn=_keep_latest)
     if (latest := _latest_checkpoint(checkpoints)) is not None:
-        trainer.load_trainer_state(latest)
-        sae.load_weights_from_checkpoint(latest)
+        try:
+            trainer.load_trainer_state(latest)
+            sae.load_weights_from_checkpoint(latest)
+        except Exception as error:  # a truncated or foreign checkpoint, whatever the library raises
+            raise ValueError(f"Checkpoint {latest} cannot be read ({type(error).__name__}); delete {partial_folder} to "
+                             f"train layer {folder.name.removeprefix('layer_')} from the start.") from error
         # SAETrainer rebuilds its checkpoint schedule from zero; drop the thresholds already passed.
         trainer.checkpoint_thresholds = [t for t in trainer.checkpoint_thresholds if t >= trainer.n_training_samples]
     else:

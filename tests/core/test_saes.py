@@ -1,3 +1,4 @@
+import shutil
 import json
 from importlib.resources import files
 from pathlib import Path
@@ -268,3 +269,30 @@ def test_residual_tokens_reuse_a_shared_prefix_and_match_the_full_pass(tiny_mode
                 expected.append(model(**inputs, output_hidden_states=True).hidden_states[layer + 1][0, n_prefix:])
         assert got.shape == torch.cat(expected).shape
         assert torch.allclose(got, torch.cat(expected), atol=1e-4)
+
+
+def test_corrupt_checkpoint_or_sae_is_one_sentence_error_and_writes_nothing(trained_qwen, trained_saes, tmp_path, monkeypatch):
+    step = SAETrainer.step
+    calls = []
+
+    def failing_step(self, batch):
+        calls.append(1)
+        if len(calls) > 100:
+            raise KeyboardInterrupt
+        return step(self, batch)
+
+    monkeypatch.setattr(SAETrainer, "step", failing_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_saes(*trained_qwen, HARMLESS, [1], output_dir=tmp_path, **TOPK)
+    monkeypatch.setattr(SAETrainer, "step", step)
+    for weights in (tmp_path / "layer_1.partial" / "checkpoints").glob("*/*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot be read .*; delete .*layer_1.partial to train layer 1 from the start\."):
+        train_saes(*trained_qwen, HARMLESS, [1], output_dir=tmp_path, **TOPK)
+    assert not (tmp_path / "layer_1").exists()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained_saes / "layer_1", broken)
+    (broken / "sae_weights.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"The SAE in .*broken cannot be read .*delete the folder to train it again"):
+        load_local_sae(broken, 1, 64)

@@ -128,10 +128,12 @@ class Settings(_Strict):
     )
     feature_set_size: int = Field(default=20, gt=0, description="Latents in each feature set.")
     clamp_multiplier: float = Field(
-        default=2.0, gt=0, description="Clamping multiplies a feature set's latents by -m at every position."
+        default=1.0, ge=0, description="Clamping multiplies a feature set's latents by -m at every position after the "
+        "template prefix (0 zeroes them; on the default model's val prompts m = 0, 0.5, 1 and 2 all removed refusal)."
     )
     induce_multiplier: float = Field(
-        default=1.0, gt=0, description="Inducing sets each latent to m times its largest activation on harmful prompts."
+        default=0.5, gt=0, description="Inducing sets each latent to m times its largest activation on harmful prompts; "
+        "on the default model's val harmless prompts 0.35 gave 42% refusals, 0.5 gave 92%, 1 only repeated 'IAs'."
     )
 
 

@@ -46,23 +46,31 @@ def attribution_by_layer(rows: list[dict], study: str):
 
 
 def _rate_bars(rows: list[dict], title: str, figsize: tuple[float, float] = (6.4, 3.8)):
+    """Per eval set, one bar per method measured there (consistent colours), each labelled with its rate."""
     rows = [r for r in rows if r["judge"] == "substring"]
     sets = sorted({r["eval_set"] for r in rows})
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m not in ("none", "baseline"), m))
+    colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}
     figure, axis = plt.subplots(figsize=figsize)
-    width = 0.8 / max(1, len(methods))
-    for k, method in enumerate(methods):
-        found = {r["eval_set"]: r for r in rows if r["method"] == method}
-        x = [i + k * width for i, s in enumerate(sets) if s in found]
-        rate = [found[s]["refusal_rate"] for s in sets if s in found]
-        low = [found[s]["refusal_rate"] - found[s]["ci_low"] for s in sets if s in found]
-        high = [found[s]["ci_high"] - found[s]["refusal_rate"] for s in sets if s in found]
-        axis.bar(x, rate, width, yerr=[low, high], capsize=2, label=method)
-    axis.set_xticks([i + width * (len(methods) - 1) / 2 for i in range(len(sets))], sets)
-    axis.set_ylim(0, 1.05)
+    widest = max(sum(1 for r in rows if r["eval_set"] == s) for s in sets)
+    width = 0.85 / widest
+    centres, labelled = [], set()
+    for i, eval_set in enumerate(sets):
+        found = sorted((r for r in rows if r["eval_set"] == eval_set), key=lambda r: methods.index(r["method"]))
+        start = i - width * (len(found) - 1) / 2
+        centres.append(i)
+        for k, r in enumerate(found):
+            x = start + k * width
+            error = [[r["refusal_rate"] - r["ci_low"]], [r["ci_high"] - r["refusal_rate"]]]
+            axis.bar(x, r["refusal_rate"], width * 0.92, yerr=error, capsize=2, color=colours[r["method"]],
+                     label=None if r["method"] in labelled else r["method"])
+            labelled.add(r["method"])
+            axis.text(x, r["ci_high"] + 0.02, f"{r['refusal_rate']:.0%}", ha="center", va="bottom", fontsize=6)
+    axis.set_xticks(centres, sets)
+    axis.set_ylim(0, 1.12)
     axis.set_ylabel("refusal rate (substring judge)")
     axis.set_xlabel("eval set")
-    axis.set_title(f"{title}\n(95% bootstrap intervals; a missing bar is 0%)", fontsize=10)
+    axis.set_title(f"{title}\n(95% bootstrap intervals)", fontsize=10)
     axis.legend(title="method", frameon=False, fontsize=7, bbox_to_anchor=(1.0, 1.0), loc="upper left")
     return figure
 

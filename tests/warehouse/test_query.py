@@ -56,4 +56,4 @@ def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypa
     assert main(["sql", "SELECT no_such_column FROM prompts"]) == 2
     assert "no_such_column" in capsys.readouterr().err
     assert main(["query", "nope"]) == 2
-    assert "No query named 'nope'; the named queries are: category_cosines" in capsys.readouterr().err
+    assert "No query named 'nope'; the named queries are: attribution_by_layer, category_cosines" in capsys.readouterr().err

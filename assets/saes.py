@@ -79,6 +79,9 @@ def saes(context: dg.AssetExecutionContext, config: SaeQualityConfig, study: Stu
                "sae_source": ";".join(f"{layer}={s}" for layer, (s, _) in sorted(sources.items())),
                "sae_sha256": ";".join(f"{layer}={h}" for layer, (_, h) in sorted(sources.items())),
                "settings": to_json({"saes": spec.model_dump(mode="json"), "n_training_texts": len(texts),
+                                    "training_text": "chat-formatted train prompts of every label but jailbreak, tokens "
+                                                     "after the template prefix",
+                                    "training_texts_sha256": hashlib.sha256(to_json(texts).encode()).hexdigest(),
                                     "n_evaluation_texts": len(evaluation), "skip_first": skip})}
     staged = spool([table], SAE_QUALITY, study.staging_dir, lineage)
     yield dg.Output(staged, data_version=dg.DataVersion(staged.sha256),

@@ -102,11 +102,13 @@ def _phase(args: argparse.Namespace, study) -> dict:
     _synchronize(loaded.device)
     if loaded.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    tokens = 0
+    # Both phases are credited with the same prompt tokens, so tokens/s compares wall time on equal work
+    # (capture runs the shared system prompt once and never computes some of them).
+    tokens = sum(len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"])
     started = time.perf_counter()
     if args.phase == "capture":
-        for batch in capture(loaded.model, loaded.tokenizer, texts, layers, suffix, args.batch_size, False):
-            tokens += batch.n_tokens
+        for _ in capture(loaded.model, loaded.tokenizer, texts, layers, suffix, args.batch_size, False):
+            pass
     else:
         order = sorted(range(len(texts)), key=lambda i: (len(loaded.tokenizer(texts[i])["input_ids"]), i))
         for start in range(0, len(order), args.batch_size):
@@ -114,7 +116,6 @@ def _phase(args: argparse.Namespace, study) -> dict:
             with torch.inference_mode():
                 hidden = loaded.model(**inputs, output_hidden_states=True).hidden_states
             kept = torch.stack([h[:, -len(suffix):] for h in hidden[1:]], dim=1).float().cpu()
-            tokens += int(inputs["attention_mask"].sum())
             del hidden, kept
     _synchronize(loaded.device)
     seconds = time.perf_counter() - started

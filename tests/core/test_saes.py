@@ -126,19 +126,25 @@ def test_train_saes_does_not_retrain_a_finished_layer(trained_qwen, trained_saes
         train_saes(*trained_qwen, HARMLESS, [1], output_dir=trained_saes, **{**TOPK, "k": 4})
 
 
-def test_train_saes_resumes_an_interrupted_layer_from_its_last_checkpoint(trained_qwen, trained_saes, tmp_path, monkeypatch):
+def _interrupt_training_after(n_steps, trained_qwen, output_dir, monkeypatch):
+    """Train layer 1 into `output_dir` and stop it with a KeyboardInterrupt after `n_steps`; return the real step."""
     step = SAETrainer.step
     calls = []
 
     def failing_step(self, batch):
         calls.append(1)
-        if len(calls) > 100:
+        if len(calls) > n_steps:
             raise KeyboardInterrupt
         return step(self, batch)
 
     monkeypatch.setattr(SAETrainer, "step", failing_step)
     with pytest.raises(KeyboardInterrupt):
-        train_saes(*trained_qwen, HARMLESS, [1], output_dir=tmp_path, **TOPK)
+        train_saes(*trained_qwen, HARMLESS, [1], output_dir=output_dir, **TOPK)
+    return step
+
+
+def test_train_saes_resumes_an_interrupted_layer_from_its_last_checkpoint(trained_qwen, trained_saes, tmp_path, monkeypatch):
+    step = _interrupt_training_after(100, trained_qwen, tmp_path, monkeypatch)
     assert not (tmp_path / "layer_1").exists()
     assert [path.name for path in (tmp_path / "layer_1.partial" / "checkpoints").iterdir()] == ["24064"]
     monkeypatch.setattr(SAETrainer, "step", step)
@@ -272,18 +278,7 @@ def test_residual_tokens_reuse_a_shared_prefix_and_match_the_full_pass(tiny_mode
 
 
 def test_corrupt_checkpoint_or_sae_is_one_sentence_error_and_writes_nothing(trained_qwen, trained_saes, tmp_path, monkeypatch):
-    step = SAETrainer.step
-    calls = []
-
-    def failing_step(self, batch):
-        calls.append(1)
-        if len(calls) > 100:
-            raise KeyboardInterrupt
-        return step(self, batch)
-
-    monkeypatch.setattr(SAETrainer, "step", failing_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_saes(*trained_qwen, HARMLESS, [1], output_dir=tmp_path, **TOPK)
+    step = _interrupt_training_after(100, trained_qwen, tmp_path, monkeypatch)
     monkeypatch.setattr(SAETrainer, "step", step)
     for weights in (tmp_path / "layer_1.partial" / "checkpoints").glob("*/*.safetensors"):
         weights.write_bytes(weights.read_bytes()[:100])

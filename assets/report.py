@@ -10,24 +10,36 @@ from pipelines.resources import StudyResource
 from refusal_core.lineage import code_version
 from warehouse.lineage import lineage_tree
 from warehouse.query import connect, named_query
-from warehouse.report import REPORT_TABLES, render_report
+from warehouse.figures import cross_study, save
+from warehouse.report import REPORT_TABLES, render_index, render_report
 
 
 @dg.asset(partitions_def=studies, group_name="report", kinds={"html"}, deps=[figures])
 def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
-    """A static HTML page with the study's figures, main tables and the lineage of its results."""
+    """A static HTML page with the study's figures, main tables and the lineage of its results, and the overview page of every study."""
     key = context.partition_key
     root = Path(study.warehouse_root)
     pngs = {p.stem: p for p in sorted((root / "figures" / f"model={key}").glob("*.png"))}
     with connect(root) as warehouse:
         tables = {name: warehouse.rows(named_query(name), key) for name in REPORT_TABLES}
     page = render_report(key, pngs, tables, lineage_tree(root, "intervention_effects", key) + [""] + lineage_tree(root, "feature_effects", key))
-    path = root / "report" / f"model={key}" / "index.html"
+    path = _write(root / "report" / f"model={key}" / "index.html", page)
+    # The overview of every study in the warehouse, redrawn whenever one of them is reported.
+    with connect(root) as warehouse:
+        every = warehouse.sql(named_query("cross_study")).to_arrow_table().to_pylist()
+    figure = save(cross_study(every), root / "figures" / "cross_study.png") if every else None
+    overview = _write(root / "report" / "index.html", render_index(every, figure))
+    return dg.MaterializeResult(metadata={
+        "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(path.as_uri()),
+        "overview": dg.MetadataValue.url(overview.as_uri()), "n_studies": len(every),
+        # What the schedule compares to decide whether the study is stale.
+        "study_sha256": study.study(key).fingerprint(), "code_version": code_version()})
+
+
+def _write(path: Path, page: str) -> Path:
+    """Write `page` to `path` through a temporary file, so a reader never sees half a page."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_text(page, encoding="utf-8")
     temporary.replace(path)
-    return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(path.as_uri()),
-        # What the schedule compares to decide whether the study is stale.
-        "study_sha256": study.study(key).fingerprint(), "code_version": code_version()})
+    return path

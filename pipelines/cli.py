@@ -79,11 +79,11 @@ def _run(args: argparse.Namespace) -> int:
         return 1
     root = paths.warehouse_root()
     print(f"\nStudy {key!r} done in {time.perf_counter() - started:.0f} s.")
-    print(f"  Report:         {root}/report/model={key}/index.html")
+    print(f"  Report:         {root}/report/model={key}/index.html  (every study: {root}/report/index.html)")
     print(f"  Figures:        {root}/figures/model={key}/")
     print(f"  Parquet tables: {root}/<table>/model={key}/data.parquet")
     print(f"  Lineage:        refusal-sae lineage intervention_effects --study {key}")
-    print("  Try:            refusal-sae query main_table")
+    print("  Try:            refusal-sae query feature_table")
     return 0
 
 

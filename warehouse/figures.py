@@ -45,6 +45,31 @@ def attribution_by_layer(rows: list[dict], study: str):
     return figure
 
 
+CROSS_STUDY_COLUMNS = ("harmful_baseline", "harmful_ablated", "harmful_clamped", "harmless_baseline", "harmless_added",
+                       "harmless_induced")
+
+
+def cross_study(rows: list[dict]):
+    """Grouped bars over every study: refusal at baseline and under each intervention (rows of the cross_study query)."""
+    figure, axis = plt.subplots(figsize=(7.2, 1.6 + 0.5 * len(rows)))
+    height = 0.8 / len(CROSS_STUDY_COLUMNS)
+    for k, column in enumerate(CROSS_STUDY_COLUMNS):
+        values = [r[column] if r[column] is not None else np.nan for r in rows]
+        y = [i + k * height for i in range(len(rows))]
+        axis.barh(y, values, height, label=column.replace("_", " "))
+        for position, value in zip(y, values):  # label every bar, so a 0% bar and a missing one differ
+            axis.text(0.005 if np.isnan(value) else value + 0.005, position, "n/a" if np.isnan(value) else f"{value:.0%}",
+                      va="center", fontsize=6)
+    axis.set_yticks([i + height * (len(CROSS_STUDY_COLUMNS) - 1) / 2 for i in range(len(rows))],
+                    [r["model"] for r in rows], fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1.08)
+    axis.set_xlabel("refusal rate (substring judge)")
+    axis.set_title("All studies: refusal at baseline and under the interventions", fontsize=10)
+    axis.legend(frameon=False, fontsize=7, bbox_to_anchor=(1.0, 1.0), loc="upper left")
+    return figure
+
+
 def _rate_bars(rows: list[dict], title: str, figsize: tuple[float, float] = (6.4, 3.8)):
     """Per eval set, one bar per method measured there (consistent colours), each labelled with its rate."""
     rows = [r for r in rows if r["judge"] == "substring"]

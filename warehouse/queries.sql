@@ -35,16 +35,26 @@ WHERE g.judges_disagree
 ORDER BY g.model, g.label, g.intervention_kind;
 
 -- name: cross_study
--- All studies side by side: baseline and intervened refusal rates by substring, and the selected direction.
+-- All studies side by side: refusal rates by substring at baseline, with the direction ablated/added and the CosSim+AP features clamped/set, and the selected direction.
 SELECT e.model,
        max(CASE WHEN e.eval_set = 'harmful' AND e.intervention_kind = 'none' THEN round(e.refusal_rate, 3) END) AS harmful_baseline,
        max(CASE WHEN e.eval_set = 'harmful' AND e.intervention_kind = 'ablate' THEN round(e.refusal_rate, 3) END) AS harmful_ablated,
+       any_value(f.harmful_clamped) AS harmful_clamped,
        max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'none' THEN round(e.refusal_rate, 3) END) AS harmless_baseline,
        max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'add' THEN round(e.refusal_rate, 3) END) AS harmless_added,
+       any_value(f.harmless_induced) AS harmless_induced,
        max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'ablate' THEN round(e.kl, 4) END) AS kl_ablated,
        any_value(d.layer_index) AS direction_layer, any_value(d.token) AS direction_token
 FROM intervention_effects e
 LEFT JOIN (SELECT * FROM refusal_directions WHERE selected) d USING (model)
+LEFT JOIN (
+    SELECT model,
+           max(CASE WHEN intervention_kind = 'clamp' THEN round(refusal_rate, 3) END) AS harmful_clamped,
+           max(CASE WHEN intervention_kind = 'induce' THEN round(refusal_rate, 3) END) AS harmless_induced
+    FROM feature_effects
+    WHERE judge = 'substring' AND json_extract_string(intervention_parameters, '$.parts[0].feature_set') = 'cossim_ap'
+    GROUP BY model
+) f USING (model)
 WHERE e.judge = 'substring'
 GROUP BY e.model
 ORDER BY e.model;

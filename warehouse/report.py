@@ -9,15 +9,17 @@ from pathlib import Path
 REPORT_TABLES = ("main_table", "feature_table", "direction_selection", "category_cosines", "sae_quality", "feature_cards")
 """Named queries shown as tables in the report."""
 
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+          "table{border-collapse:collapse;font-size:0.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
+          "th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}")
+
 
 def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[dict]], lineage: list[str]) -> str:
     """The report page: figures inlined as PNG data, tables as HTML tables, the lineage as text."""
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>refusal-sae report: {html.escape(study)}</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;font-size:0.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
-        "th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}</style>",
+        f"<style>{_STYLE}</style>",
         f"</head><body><h1>Refusal study: {html.escape(study)}</h1>",
     ]
     for name, path in figures.items():
@@ -29,6 +31,26 @@ def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[d
         parts.append(_table(rows))
     parts.append("<h2 id='lineage'>Lineage</h2><pre>" + html.escape("\n".join(lineage)) + "</pre></body></html>")
     return "\n".join(parts)
+
+
+def render_index(rows: list[dict], figure: Path | None) -> str:
+    """The overview page of every study: the cross-study figure and table, and a link to each study's report."""
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>refusal-sae: all studies</title>",
+        f"<style>{_STYLE}</style></head><body><h1>All studies</h1><ul id='studies'>",
+        *(f"<li><a href='model={html.escape(r['model'])}/index.html'>{html.escape(r['model'])}</a></li>" for r in rows),
+        "</ul>",
+    ]
+    if figure is not None:
+        encoded = base64.b64encode(figure.read_bytes()).decode()
+        parts.append(f"<figure id='cross_study'><img alt='cross_study' src='data:image/png;base64,{encoded}'></figure>")
+    parts.append("<h2 id='table-cross_study'>cross study</h2>" + _table_all(rows) + "</body></html>")
+    return "\n".join(parts)
+
+
+def _table_all(rows: list[dict]) -> str:
+    """A table that keeps the `model` column (the per-study pages drop it)."""
+    return _table([{"study": r["model"], **{k: v for k, v in r.items() if k != "model"}} for r in rows])
 
 
 def _table(rows: list[dict]) -> str:

@@ -126,6 +126,22 @@ def _check_direction_tables(warehouse, key):
     assert all(r["kl"] == 0.0 for r in effects if r["intervention_kind"] == "none" and r["eval_set"] == "harmless")
 
 
+def test_overview_page_compares_every_study_in_the_warehouse(tiny_registry, warehouse):
+    with dg.instance_for_test() as instance:
+        for key in ("tiny-qwen2", "tiny-gemma2"):
+            assert _materialize(tiny_registry, warehouse, key, instance).success
+    page = (warehouse / "report" / "index.html").read_text()
+    assert "href='model=tiny-qwen2/index.html'" in page and "href='model=tiny-gemma2/index.html'" in page
+    assert page.count("data:image/png;base64,") == 1 and "id='table-cross_study'" in page
+    assert (warehouse / "figures" / "cross_study.png").stat().st_size > 10_000
+    from warehouse.query import connect, named_query
+
+    with connect(warehouse) as connection:
+        rows = connection.sql(named_query("cross_study")).to_arrow_table().to_pylist()
+    assert [r["model"] for r in rows] == ["tiny-gemma2", "tiny-qwen2"]
+    assert all(r[column] is not None for r in rows for column in ("harmful_baseline", "harmful_clamped", "harmless_induced"))
+
+
 def _check_feature_tables(warehouse, key):
     read = lambda name: pq.read_table(warehouse / name / f"model={key}" / "data.parquet")  # noqa: E731
     attributions = read("latent_attributions")

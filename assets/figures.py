@@ -9,6 +9,7 @@ from assets.directions import category_directions, refusal_directions
 from assets.clamping import feature_effects
 from assets.features import feature_sets, latent_attributions
 from assets.interventions import intervention_effects
+from assets.sequence import refusal_along_sequence
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from warehouse.figures import FIGURES, save
@@ -17,9 +18,9 @@ from warehouse.query import connect, named_query
 
 @dg.asset(partitions_def=studies, group_name="report", kinds={"png"},
           deps=[intervention_effects, refusal_directions, category_directions, latent_attributions, feature_sets,
-                feature_effects])
+                feature_effects, refusal_along_sequence])
 def figures(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
-    """PNG figures (refusal by intervention, direction selection, direction cosines, feature clamping, attribution by layer) made from named queries."""
+    """PNG figures (refusal by intervention, direction selection, direction cosines, feature clamping, attribution by layer, refusal along the sequence) made from named queries."""
     key = context.partition_key
     root = Path(study.warehouse_root)
     metadata = {}

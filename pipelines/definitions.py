@@ -16,6 +16,7 @@ from assets.interventions import intervention_effects, intervention_generations
 from assets.prompts import prompts
 from assets.report import report
 from assets.saes import saes
+from assets.sequence import refusal_along_sequence
 from pipelines import paths
 from pipelines.io_manager import ParquetIOManager
 from pipelines.partitions import studies
@@ -41,6 +42,7 @@ ASSETS = [
     feature_cards,
     feature_generations,
     feature_effects,
+    refusal_along_sequence,
     figures,
     report,
 ]

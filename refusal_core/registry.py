@@ -127,6 +127,10 @@ class Settings(_Strict):
         "the CosSim+AP set ranks by attribution (the paper keeps 10 per layer over 26 layers)."
     )
     feature_set_size: int = Field(default=20, gt=0, description="Latents in each feature set.")
+    sequence_prompts: int = Field(
+        default=16, gt=0, description="Test prompts per label (harmful, harmless, jailbreak) read along the sequence."
+    )
+    sequence_new_tokens: int = Field(default=8, gt=0, description="Answer tokens the refusal direction is read along.")
     clamp_multiplier: float = Field(
         default=1.0, ge=0, description="Clamping multiplies a feature set's latents by -m at every position after the "
         "template prefix (0 zeroes them; on the default model's val prompts m = 0, 0.5, 1 and 2 all removed refusal)."

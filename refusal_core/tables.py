@@ -172,6 +172,18 @@ FEATURE_CARDS = pa.schema(
     ]
 )
 
+SEQUENCE_PROJECTIONS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("prompt_id", pa.string(), "The prompt answered."),
+        _field("label", pa.string(), "harmful, harmless or jailbreak."),
+        _field("layer_index", pa.int16(), "Layer whose output is projected."),
+        _field("position", pa.int16(), "Offset from the answer's first token: negative in the prompt, 0 the first answer token."),
+        _field("token", pa.string(), "The token at that position ([instruction] for the instruction's last token)."),
+        _field("projection", pa.float64(), "Residual stream dotted with the unit refusal direction."),
+    ]
+)
+
 EFFECTS = pa.schema(
     [
         MODEL_KEY,

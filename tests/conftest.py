@@ -55,6 +55,8 @@ attribution_prompts = 4
 attribution_steps = 2
 cosine_top_k = 4
 feature_set_size = 3
+sequence_prompts = 2
+sequence_new_tokens = 3
 direction_candidates = 2
 max_new_tokens = 6
 """

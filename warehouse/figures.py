@@ -45,6 +45,29 @@ def attribution_by_layer(rows: list[dict], study: str):
     return figure
 
 
+def refusal_along_sequence(rows: list[dict], study: str):
+    """Mean projection on the refusal direction per position, one line per label, with 95% intervals of the mean."""
+    figure, axis = plt.subplots(figsize=(7.2, 3.6))
+    positions = sorted({r["position"] for r in rows})
+    for label in sorted({r["label"] for r in rows}):
+        found = {r["position"]: r for r in rows if r["label"] == label}
+        xs = [positions.index(p) for p in positions if p in found]
+        mean = np.array([found[p]["mean_projection"] for p in positions if p in found])
+        half = np.array([1.96 * found[p]["sd"] / np.sqrt(found[p]["n"]) for p in positions if p in found])
+        axis.plot(xs, mean, marker="o", markersize=3, label=label)
+        axis.fill_between(xs, mean - half, mean + half, alpha=0.2)
+    tokens = {r["position"]: r["token"] for r in rows}
+    axis.set_xticks(range(len(positions)), [_readable(tokens[p]).strip("'") if p < 0 else tokens[p] for p in positions],
+                    rotation=60, ha="right", fontsize=7)
+    axis.axvline(positions.index(0) - 0.5 if 0 in positions else len(positions) - 0.5, color="0.6", linestyle="--",
+                 linewidth=0.8)
+    axis.set_xlabel("position (prompt | answer)")
+    axis.set_ylabel("projection on refusal direction")
+    axis.set_title(f"Refusal along the sequence at the direction's layer, {study}", fontsize=10)
+    axis.legend(frameon=False, fontsize=8)
+    return figure
+
+
 CROSS_STUDY_COLUMNS = ("harmful_baseline", "harmful_ablated", "harmful_clamped", "harmless_baseline", "harmless_added",
                        "harmless_induced")
 
@@ -154,6 +177,7 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     "category_cosines": ("category_cosines", category_cosines),
     "feature_clamping": ("feature_table", feature_clamping),
     "attribution_by_layer": ("attribution_by_layer", attribution_by_layer),
+    "refusal_along_sequence": ("refusal_along_sequence", refusal_along_sequence),
 }
 """Figure name to (named query it is drawn from, drawing function)."""
 

@@ -114,3 +114,13 @@ FROM latent_attributions a
 LEFT JOIN (SELECT * FROM feature_sets WHERE feature_set = 'cossim_ap') s USING (model, layer_index, latent_index)
 WHERE a.prompt_id IS NULL
 ORDER BY a.model, a.layer_index, a.latent_index;
+
+-- name: refusal_along_sequence
+-- Mean projection on the refusal direction at its own layer, per label and position (instruction, template, answer tokens).
+SELECT s.model, s.label, s.position,
+       CASE WHEN s.position < 0 THEN any_value(s.token) ELSE 'answer ' || (s.position + 1) END AS token,
+       count(*) AS n, avg(s.projection) AS mean_projection, coalesce(stddev_samp(s.projection), 0) AS sd
+FROM refusal_along_sequence s
+JOIN (SELECT model, layer_index FROM refusal_directions WHERE selected) d USING (model, layer_index)
+GROUP BY s.model, s.label, s.position
+ORDER BY s.model, s.label, s.position;

@@ -23,6 +23,7 @@ from refusal_core.tables import (
     LINEAGE,
     PROMPTS,
     SAE_QUALITY,
+    SEQUENCE_PROJECTIONS,
 )
 
 SCHEMAS = {
@@ -39,6 +40,7 @@ SCHEMAS = {
     "feature_cards": FEATURE_CARDS,
     "feature_generations": GENERATIONS,
     "feature_effects": EFFECTS,
+    "refusal_along_sequence": SEQUENCE_PROJECTIONS,
     "lineage": LINEAGE,
 }
 """Every table of the warehouse; a view over a table with no file yet is empty but has its columns.

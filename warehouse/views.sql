@@ -28,6 +28,8 @@ CREATE VIEW feature_generations AS
     SELECT * FROM read_parquet('{root}/feature_generations/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW feature_effects AS
     SELECT * FROM read_parquet('{root}/feature_effects/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW refusal_along_sequence AS
+    SELECT * FROM read_parquet('{root}/refusal_along_sequence/model=*/*.parquet', hive_partitioning = true);
 
 -- Derived views, over the table views above.
 CREATE VIEW direction_cosines AS

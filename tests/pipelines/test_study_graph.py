@@ -63,9 +63,16 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         sae_lineage = pq.read_table(warehouse / "lineage" / f"model={key}" / "saes.parquet").to_pylist()[0]
         assert sae_lineage["sae_source"].startswith("1=trained:") and len(sae_lineage["sae_sha256"]) > 64
         _check_feature_tables(warehouse, key)
+        sequence = pq.read_table(warehouse / "refusal_along_sequence" / f"model={key}" / "data.parquet").to_pylist()
+        assert {r["label"] for r in sequence} == {"harmful", "harmless", "jailbreak"}
+        assert {r["layer_index"] for r in sequence} == {0, 1, 2}
+        for prompt_id in {r["prompt_id"] for r in sequence}:
+            positions = sorted(r["position"] for r in sequence if r["prompt_id"] == prompt_id and r["layer_index"] == 2)
+            assert positions[0] < -2 and positions == list(range(positions[0], positions[-1] + 1))
+            assert [r["token"] for r in sequence if r["prompt_id"] == prompt_id and r["position"] == positions[0]] == ["[instruction]"] * 3
         pngs = sorted(p.name for p in (warehouse / "figures" / f"model={key}").glob("*.png"))
         assert pngs == ["attribution_by_layer.png", "category_cosines.png", "direction_selection.png", "feature_clamping.png",
-                        "refusal_by_intervention.png"]
+                        "refusal_along_sequence.png", "refusal_by_intervention.png"]
         figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization
         assert figure_event.metadata["refusal_by_intervention"].value.startswith("![refusal_by_intervention](data:image/png;base64,")
         _check_report(warehouse / "report" / f"model={key}" / "index.html", key)
@@ -91,7 +98,7 @@ def _check_report(path, key):
     page.feed(path.read_text())
     assert {"refusal_by_intervention", "direction_selection", "category_cosines", "feature_clamping", "attribution_by_layer",
             "table-main_table", "table-feature_table", "table-feature_cards", "lineage"} <= page.ids
-    assert page.images == 5
+    assert page.images == 6
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
     assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text

@@ -1,0 +1,71 @@
+"""The refusal direction read along the sequence: the instruction's last token, the template tokens and the first answer tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from refusal_core.activations import INSTRUCTION_TOKEN
+from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
+
+
+@dataclass(frozen=True)
+class SequenceProjection:
+    """Projections of one prompt's residual stream on a unit direction, position by position."""
+
+    index: int
+    """Position of the prompt in the list given to `sequence_projections`."""
+    positions: list[int]
+    """Offset of each position from the answer's first token: -1 is the last template token, 0 the first answer token."""
+    tokens: list[str]
+    """The token at each position ([instruction] for the instruction's last token)."""
+    projections: Tensor
+    """[n_layers, n_positions] float64: residual stream after each layer dotted with the unit direction."""
+
+
+def sequence_projections(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                         answers: Sequence[str], n_template: int, layers: Sequence[int], direction: Tensor,
+                         batch_size: int = 16) -> Iterator[SequenceProjection]:
+    """Project the residual stream of each chat-formatted prompt followed by its answer onto `direction`.
+
+    The kept positions are the instruction's last token, the `n_template` post-instruction template
+    tokens and every token of the answer (its text tokenized on its own and appended: for a real model the
+    tokens it generated, for a random one sometimes more).
+    One backbone pass per batch, left-padded, stopping after the last requested layer.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers; give one answer per prompt.")
+    layers = check_layers(layers, len(decoder_layers(model)))
+    device = next(model.parameters()).device
+    unit = (direction / direction.norm()).to(device=device, dtype=torch.float64)
+    backbone = model.get_decoder()
+    pad = tokenizer.pad_token_id or 0
+    for start in range(0, len(prompts), batch_size):
+        rows, n_answer = [], []
+        for prompt, answer in zip(prompts[start:start + batch_size], answers[start:start + batch_size]):
+            answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
+            rows.append(tokenizer(prompt, add_special_tokens=False)["input_ids"] + answer_ids)
+            n_answer.append(len(answer_ids))
+        width = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+                  "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "use_cache": False}
+        with torch.inference_mode(), record_residual(model, layers, stop_after_last=True) as recorded:
+            try:
+                backbone(**inputs)
+            except StopForward:
+                pass
+        for i, n in enumerate(n_answer):
+            count = 1 + n_template + n
+            hidden = torch.stack([recorded[layer][i, -count:] for layer in layers])  # [n_layers, count, d_model]
+            tokens = tokenizer.convert_ids_to_tokens(rows[i][-count:])
+            yield SequenceProjection(start + i, list(range(-1 - n_template, n)), [INSTRUCTION_TOKEN, *tokens[1:]],
+                                     (hidden.double() @ unit).cpu())

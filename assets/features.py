@@ -163,6 +163,7 @@ def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompt
         order = torch.randperm(len(alive), generator=generator)[:count].tolist()
         chosen["random"] += [(layer, alive[i]) for i in sorted(order)]
     by_key = {(r["layer_index"], r["latent_index"]): r for r in scored}
+    cosines = {layer: decoder_cosines(item.sae, direction) for layer, item in items.items()}
     out = []
     for name, members in chosen.items():
         if len(members) < size:
@@ -171,7 +172,7 @@ def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompt
             layer_latents = latents[layer][..., latent]  # [n_prompts, n_pos]
             out.append({
                 "model_key": loaded.study.key, "feature_set": name, "rank": rank, "layer_index": layer, "latent_index": latent,
-                "decoder_cosine": float(decoder_cosines(items[layer].sae, direction)[latent]),
+                "decoder_cosine": float(cosines[layer][latent]),
                 "activation_difference": float(layer_latents[harmful].mean() - layer_latents[harmless].mean()),
                 "attribution": by_key[(layer, latent)]["attribution"] if (layer, latent) in by_key else None,
                 "induce_value": settings.induce_multiplier * float(layer_latents[harmful].max()),

@@ -40,6 +40,24 @@ class PrefixCache:
     cache: object
     """The model's cache after the prefix, for one sequence; copied for each batch."""
 
+    def for_batch(self, size: int):
+        """A fresh copy of the cache repeated for `size` sequences (a forward pass extends the cache it is given)."""
+        cache = copy.deepcopy(self.cache)
+        cache.batch_repeat_interleave(size)
+        return cache
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, Tensor]:
+    """Input ids, attention mask and position ids (counting real tokens only) of token-id rows, left-padded, on the CPU."""
+    width = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            input_ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+
 
 def prefix_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                  n_prefix: int | None = None, min_rest: int = 1, last_layer: int | None = None) -> PrefixCache | None:
@@ -97,12 +115,10 @@ def tokenize_batch(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], d
     for i, row in enumerate(rows):
         input_ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
-    cache = copy.deepcopy(prefix.cache)
-    cache.batch_repeat_interleave(len(rows))
     return {"input_ids": input_ids.to(device),
             "attention_mask": torch.cat([torch.ones(len(rows), n_prefix, dtype=torch.long), mask], dim=1).to(device),
             "position_ids": (n_prefix + torch.arange(width)).expand(len(rows), width).to(device),
-            "past_key_values": cache, "use_cache": True}
+            "past_key_values": prefix.for_batch(len(rows)), "use_cache": True}
 
 
 def input_mask(inputs: dict[str, Tensor]) -> Tensor:

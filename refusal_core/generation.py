@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +9,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_core.activations import PrefixCache, prefix_cache
+from refusal_core.activations import PrefixCache, left_padded, prefix_cache
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -74,19 +73,11 @@ def _generation_inputs(rows: list[list[int]], prefix: PrefixCache | None, pad_id
 
     generate() derives position ids from the attention mask, so padding never shifts a position.
     """
-    n_prefix = len(prefix.ids) if prefix else 0
-    rests = [row[n_prefix:] for row in rows]
-    width = max(len(rest) for rest in rests)
-    input_ids = torch.full((len(rows), n_prefix + width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), n_prefix + width, dtype=torch.long)
-    input_ids[:, :n_prefix] = torch.tensor(prefix.ids if prefix else [], dtype=torch.long)
-    mask[:, :n_prefix] = 1
-    for i, rest in enumerate(rests):
-        input_ids[i, n_prefix + width - len(rest):] = torch.tensor(rest)
-        mask[i, n_prefix + width - len(rest):] = 1
-    extra = {}
-    if prefix is not None:
-        cache = copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(rows))
-        extra["past_key_values"] = cache
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}, extra
+    if prefix is None:
+        padded = left_padded(rows, pad_id)
+        return {"input_ids": padded["input_ids"].to(device), "attention_mask": padded["attention_mask"].to(device)}, {}
+    padded = left_padded([row[len(prefix.ids):] for row in rows], pad_id)
+    shared = torch.tensor([prefix.ids] * len(rows), dtype=torch.long)
+    return ({"input_ids": torch.cat([shared, padded["input_ids"]], dim=1).to(device),
+             "attention_mask": torch.cat([torch.ones_like(shared), padded["attention_mask"]], dim=1).to(device)},
+            {"past_key_values": prefix.for_batch(len(rows))})

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_core.activations import INSTRUCTION_TOKEN
+from refusal_core.activations import INSTRUCTION_TOKEN, left_padded
 from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
 
 
@@ -50,17 +50,10 @@ def sequence_projections(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else []
             rows.append(tokenizer(prompt, add_special_tokens=False)["input_ids"] + answer_ids)
             n_answer.append(len(answer_ids))
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            input_ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-        inputs = {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-                  "position_ids": (mask.cumsum(-1) - 1).clamp(min=0).to(device), "use_cache": False}
+        inputs = {name: tensor.to(device) for name, tensor in left_padded(rows, pad).items()}
         with torch.inference_mode(), record_residual(model, layers, stop_after_last=True) as recorded:
             try:
-                backbone(**inputs)
+                backbone(**inputs, use_cache=False)
             except StopForward:
                 pass
         for i, n in enumerate(n_answer):

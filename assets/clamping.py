@@ -20,14 +20,24 @@ INDUCED_SETS = ("cossim_ap", "random")
 """Feature sets also set on harmless prompts to induce refusal (the method and its control)."""
 
 
-def feature_interventions(loaded: LoadedModel, saes: pa.Table, feature_sets: pa.Table) -> dict[str, tuple]:
-    """`name -> (intervention, labels)`: every set clamped to -m on harmful prompts; INDUCED_SETS set on harmless ones."""
+def feature_interventions(loaded: LoadedModel, saes: pa.Table, feature_sets: pa.Table,
+                          feature_edges: pa.Table) -> dict[str, tuple]:
+    """`name -> (intervention, labels)`: every set clamped to -m on harmful prompts; INDUCED_SETS set on harmless ones.
+
+    The upstream set (feature_edges' latents that lower the refusal features) is clamped too, alone.
+    """
     items = study_saes(loaded, saes)
     settings = loaded.study.settings
     skip = instruction_offset(loaded.tokenizer, loaded.study.chat_template)
+    sets: dict[str, list[dict]] = {}
+    for member in feature_sets.to_pylist():
+        sets.setdefault(member["feature_set"], []).append(member)
+    upstream = feature_edges.filter(feature_edges["in_upstream_set"])
+    upstream = sorted(set(zip(upstream["upstream_layer"].to_pylist(), upstream["upstream_latent"].to_pylist())))
+    if upstream:
+        sets["upstream"] = [{"layer_index": layer, "latent_index": latent} for layer, latent in upstream]
     result = {}
-    for name in dict.fromkeys(feature_sets["feature_set"].to_pylist()):
-        members = feature_sets.filter(pc.equal(feature_sets["feature_set"], name)).to_pylist()
+    for name, members in sets.items():
         by_layer: dict[int, list[dict]] = {}
         for member in members:
             by_layer.setdefault(member["layer_index"], []).append(member)
@@ -47,14 +57,14 @@ def feature_interventions(loaded: LoadedModel, saes: pa.Table, feature_sets: pa.
 
 @dg.asset(partitions_def=studies, group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
 def feature_generations(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, saes: pa.Table,
-                        feature_sets: pa.Table) -> dg.Output[Spool]:
-    """Greedy answers with each feature set's latents multiplied by -m on harmful test prompts, and the CosSim+AP and random sets set to a constant on harmless ones, judged."""
+                        feature_sets: pa.Table, feature_edges: pa.Table) -> dg.Output[Spool]:
+    """Greedy answers with each feature set's latents (and the upstream set's) multiplied by -m on harmful test prompts, and the CosSim+AP and random sets set to a constant on harmless ones, judged."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     chosen = eval_prompts(prompts, settings.max_eval_prompts_per_label)
     classifier = study.classifier(loaded.study.key)
     tables = []
-    for name, (intervention, labels) in feature_interventions(loaded, saes, feature_sets).items():
+    for name, (intervention, labels) in feature_interventions(loaded, saes, feature_sets, feature_edges).items():
         subset = chosen.filter(pc.is_in(chosen["label"], pa.array(labels)))
         texts = [format_prompt(loaded.tokenizer, t, loaded.study.chat_template) for t in subset["text"].to_pylist()]
         table = judged_generations(
@@ -65,7 +75,8 @@ def feature_generations(context: dg.AssetExecutionContext, study: StudyResource,
                          100 * pc.mean(table["refused_substring"].cast(pa.float64())).as_py(), subset.num_rows, "/".join(labels))
         tables.append(table)
     table = pa.concat_tables(tables)
-    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, saes=saes, feature_sets=feature_sets),
+    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, saes=saes, feature_sets=feature_sets,
+                                                           feature_edges=feature_edges),
                "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"max_new_tokens": settings.max_new_tokens, "clamp_multiplier": settings.clamp_multiplier,
                                     "induce_multiplier": settings.induce_multiplier, "induced_sets": INDUCED_SETS})}

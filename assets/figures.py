@@ -6,9 +6,12 @@ from pathlib import Path
 import dagster as dg
 
 from assets.directions import category_directions, refusal_directions
+from assets.edges import feature_edges
 from assets.clamping import feature_effects
 from assets.features import feature_sets, latent_attributions
 from assets.interventions import intervention_effects
+from assets.jailbreaks import jailbreak_summary
+from assets.probes import refusal_probes
 from assets.sequence import refusal_along_sequence
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -18,9 +21,9 @@ from warehouse.query import connect, named_query
 
 @dg.asset(partitions_def=studies, group_name="report", kinds={"png"},
           deps=[intervention_effects, refusal_directions, category_directions, latent_attributions, feature_sets,
-                feature_effects, refusal_along_sequence])
+                feature_effects, refusal_along_sequence, feature_edges, refusal_probes, jailbreak_summary])
 def figures(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
-    """PNG figures (refusal by intervention, direction selection, direction cosines, feature clamping, attribution by layer, refusal along the sequence) made from named queries."""
+    """PNG figures (refusal by intervention, direction selection, direction cosines, feature clamping, attribution by layer, refusal along the sequence, upstream -> refusal features, probe comparison, jailbreak drop) made from named queries."""
     key = context.partition_key
     root = Path(study.warehouse_root)
     metadata = {}

@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 
 from assets.figures import figures
+from assets.probes import latent_guard
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.lineage import code_version
@@ -14,7 +15,11 @@ from warehouse.figures import cross_study, save
 from warehouse.report import REPORT_TABLES, render_index, render_report
 
 
-@dg.asset(partitions_def=studies, group_name="report", kinds={"html"}, deps=[figures])
+LINEAGE_SHOWN = ("intervention_effects", "feature_effects", "jailbreak_summary", "refusal_probes", "latent_guard")
+"""Result tables whose lineage the report prints, each back to the weights."""
+
+
+@dg.asset(partitions_def=studies, group_name="report", kinds={"html"}, deps=[figures, latent_guard])
 def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
     """A static HTML page with the study's figures, main tables and the lineage of its results, and the overview page of every study."""
     key = context.partition_key
@@ -22,7 +27,8 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     pngs = {p.stem: p for p in sorted((root / "figures" / f"model={key}").glob("*.png"))}
     with connect(root) as warehouse:
         tables = {name: warehouse.rows(named_query(name), key) for name in REPORT_TABLES}
-    page = render_report(key, pngs, tables, lineage_tree(root, "intervention_effects", key) + [""] + lineage_tree(root, "feature_effects", key))
+    lineage = [line for name in LINEAGE_SHOWN for line in [*lineage_tree(root, name, key), ""]]
+    page = render_report(key, pngs, tables, lineage[:-1])
     path = _write(root / "report" / f"model={key}" / "index.html", page)
     # The overview of every study in the warehouse, redrawn whenever one of them is reported.
     with connect(root) as warehouse:

@@ -10,9 +10,12 @@ from assets.activations import activations
 from assets.behaviour import baseline_generations
 from assets.clamping import feature_effects, feature_generations
 from assets.directions import category_directions, refusal_directions
+from assets.edges import feature_edges
 from assets.features import feature_cards, feature_sets, latent_attributions
 from assets.figures import figures
 from assets.interventions import intervention_effects, intervention_generations
+from assets.jailbreaks import eval_activations, jailbreak_analysis, jailbreak_generations, jailbreak_summary
+from assets.probes import latent_guard, refusal_probes
 from assets.prompts import prompts
 from assets.report import report
 from assets.saes import saes
@@ -40,9 +43,16 @@ ASSETS = [
     latent_attributions,
     feature_sets,
     feature_cards,
+    feature_edges,
     feature_generations,
     feature_effects,
     refusal_along_sequence,
+    jailbreak_generations,
+    eval_activations,
+    jailbreak_analysis,
+    jailbreak_summary,
+    refusal_probes,
+    latent_guard,
     figures,
     report,
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -56,15 +57,31 @@ def judged_generations(
     )
 
 
-def bootstrap_interval(verdicts: Sequence[bool], n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of 0/1 verdicts."""
-    values = np.asarray(verdicts, dtype=np.float64)
+def bootstrap_interval(values: Sequence[float], n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean of `values` (0/1 verdicts or any numbers)."""
+    values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
-        raise ValueError("Cannot compute a refusal rate over zero prompts.")
+        raise ValueError("Cannot compute a mean over zero rows.")
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
+
+
+def ratio_interval(changes: np.ndarray, baselines: np.ndarray, n_resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """mean(changes) / mean(baselines) over rows (the first axis), with its 95% bootstrap interval over rows.
+
+    Both arrays are [n_rows, ...]; the result has the trailing shape. Resampled means of 0 give nan.
+    """
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(changes), size=(n_resamples, len(changes)))
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns: latents that never fire
+        point = changes.mean(0) / baselines.mean(0)
+        ratios = changes[picks].mean(1) / baselines[picks].mean(1)  # [n_resamples, ...]
+        low, high = np.nanpercentile(ratios, [2.5, 97.5], axis=0)
+    return point, low, high
 
 
 JUDGE_COLUMNS = {"substring": "refused_substring", "refusal_score": "refused_score", "classifier": "refused_classifier"}

@@ -131,6 +131,19 @@ class Settings(_Strict):
         default=16, gt=0, description="Test prompts per label (harmful, harmless, jailbreak) read along the sequence."
     )
     sequence_new_tokens: int = Field(default=8, gt=0, description="Answer tokens the refusal direction is read along.")
+    jailbreak_prompts: int = Field(
+        default=16, gt=0, description="Jailbreaks per family (DAN and GCG, paired with the prompt they wrap; past/future "
+        "tense rewrites) that are generated for and judged, with the base prompts of the paired ones."
+    )
+    probe_seeds: int = Field(default=50, gt=0, description="Bootstrap seeds behind the probe and guard intervals.")
+    upstream_candidates: int = Field(
+        default=16, gt=0, description="Latents per earlier SAE layer (best by harmful-minus-harmless activation) whose "
+        "clamping is measured on the later refusal features."
+    )
+    edge_prompts: int = Field(default=16, gt=0, description="Harmful train prompts the upstream clamping is measured on.")
+    upstream_set_size: int = Field(
+        default=10, gt=0, description="Upstream latents (largest significant drop of the refusal features) clamped together."
+    )
     clamp_multiplier: float = Field(
         default=1.0, ge=0, description="Clamping multiplies a feature set's latents by -m at every position after the "
         "template prefix (0 zeroes them; on the default model's val prompts m = 0, 0.5, 1 and 2 all removed refusal)."

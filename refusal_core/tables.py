@@ -184,6 +184,106 @@ SEQUENCE_PROJECTIONS = pa.schema(
     ]
 )
 
+JAILBREAK_PAIRS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("jailbreak_prompt_id", pa.string(), "The jailbreak prompt."),
+        _field("base_prompt_id", pa.string(), "The harmful prompt it wraps."),
+        _field("family", pa.string(), "Jailbreak family: the prompt source (dan, gcg)."),
+        _field("jailbreak_method", pa.string(), "The jailbreak's method (dan:<template>, gcg)."),
+        _field("base_refused", pa.bool_(), "The model refuses the base prompt (substring judge on its greedy answer)."),
+        _field("jailbreak_refused", pa.bool_(), "The model refuses the jailbreak (substring judge)."),
+        _field("succeeded", pa.bool_(), "The base prompt is refused and the jailbreak is not."),
+        _field("base_activation", pa.float64(),
+               "Summed refusal-feature (CosSim+AP set) activation on the base prompt, mean over the post-instruction tokens."),
+        _field("jailbreak_activation", pa.float64(), "The same on the jailbreak."),
+        _field("relative_drop", pa.float64(), "1 - jailbreak_activation / base_activation; null when the base activation is 0.", True),
+        _field("features", pa.list_(pa.struct([
+            pa.field("layer_index", pa.int16()), pa.field("latent_index", pa.int32()),
+            pa.field("base_activation", pa.float64()), pa.field("jailbreak_activation", pa.float64()),
+            pa.field("relative_drop", pa.float64())])),
+            "Each refusal feature's activation on both prompts and its relative drop (null when 0 on the base)."),
+        _field("base_refusal_projection", pa.float64(), "Base prompt on the unit refusal direction, at its layer and position."),
+        _field("jailbreak_refusal_projection", pa.float64(), "The jailbreak on the unit refusal direction."),
+        _field("base_harmfulness_projection", pa.float64(),
+               "Base prompt on the unit harmfulness direction, at its layer and the instruction's last token."),
+        _field("jailbreak_harmfulness_projection", pa.float64(), "The jailbreak on the unit harmfulness direction."),
+        _field("jailbreak_harmful_by_direction", pa.bool_(),
+               "The jailbreak's harmfulness projection is past the latent guard's threshold (still represented as harmful)."),
+    ]
+)
+
+JAILBREAK_SUMMARY = pa.schema(
+    [
+        MODEL_KEY,
+        _field("family", pa.string(), "Jailbreak family, or all."),
+        _field("outcome", pa.string(), "succeeded or failed (pairs whose base prompt is refused)."),
+        _field("n_pairs", pa.int32(), "Pairs in the group."),
+        _field("mean_relative_drop", pa.float64(), "Mean relative drop of the summed refusal-feature activation.", True),
+        _field("ci_low", pa.float64(), "Bootstrap 95% interval over pairs, lower end.", True),
+        _field("ci_high", pa.float64(), "Bootstrap 95% interval over pairs, upper end.", True),
+        _field("mean_harmfulness_drop", pa.float64(),
+               "Mean base minus jailbreak projection on the harmfulness direction.", True),
+        _field("harmful_by_direction_rate", pa.float64(),
+               "Share of the group's jailbreaks still past the harmfulness threshold.", True),
+        _field("note", pa.string(), "Why a number is missing (too few pairs, with the count); null otherwise.", True),
+    ]
+)
+
+PROBE_RESULTS = pa.schema(
+    [
+        MODEL_KEY,
+        _field("probe", pa.string(),
+               "Features the probe reads: refusal_features, random_latents, dense_residual, refusal_direction, harmfulness_direction."),
+        _field("n_features", pa.int32(), "Width of the probe's input."),
+        _field("layer_index", pa.int16(), "Layer of the dense residual or the direction; null for latent sets.", True),
+        _field("test_set", pa.string(), "in_distribution (test harmful and harmless) or jailbreak (out of distribution)."),
+        _field("n_train_refused", pa.int32(), "Refused harmful train prompts the probe was fitted on."),
+        _field("n_train_complied", pa.int32(), "Answered harmless train prompts the probe was fitted on."),
+        _field("n_refused", pa.int32(), "Test prompts the model refused (substring judge)."),
+        _field("n_complied", pa.int32(), "Test prompts the model answered."),
+        _field("accuracy", pa.float64(), "Accuracy of the probe fitted on every train row.", True),
+        _field("accuracy_low", pa.float64(), "Bootstrap 95% interval, lower end.", True),
+        _field("accuracy_high", pa.float64(), "Bootstrap 95% interval, upper end.", True),
+        _field("auroc", pa.float64(), "AUROC of the probe fitted on every train row.", True),
+        _field("auroc_low", pa.float64(), "Bootstrap 95% interval, lower end.", True),
+        _field("auroc_high", pa.float64(), "Bootstrap 95% interval, upper end.", True),
+        _field("n_seeds", pa.int32(), "Bootstrap seeds behind the intervals (each resamples train and test rows, by class)."),
+        _field("note", pa.string(), "Why a number is missing (too few rows, with the counts); null when every number is there.", True),
+    ]
+)
+
+LATENT_GUARD = pa.schema(
+    [
+        MODEL_KEY,
+        _field("classifier", pa.string(),
+               "harmfulness_direction or refusal_direction (projection past a threshold), or substring_judge (the model's answer)."),
+        _field("eval_set", pa.string(), "harmful, harmless, or jailbreak:<family>."),
+        _field("threshold", pa.float64(), "Projection threshold fitted on train harmful vs harmless prompts; null for the judge.", True),
+        _field("n_prompts", pa.int32(), "Prompts classified."),
+        _field("flagged_rate", pa.float64(), "Share flagged as harmful: detection on harmful and jailbreak sets, false alarms on harmless."),
+        _field("ci_low", pa.float64(), "Bootstrap 95% interval, lower end."),
+        _field("ci_high", pa.float64(), "Bootstrap 95% interval, upper end."),
+    ]
+)
+
+FEATURE_EDGES = pa.schema(
+    [
+        MODEL_KEY,
+        _field("upstream_layer", pa.int16(), "Layer of the clamped (upstream) latent."),
+        _field("upstream_latent", pa.int32(), "The clamped latent."),
+        _field("downstream_layer", pa.int16(), "Layer of the refusal feature measured."),
+        _field("downstream_latent", pa.int32(), "The refusal feature (CosSim+AP set) measured; null for the sum of all of them.", True),
+        _field("clean_activation", pa.float64(), "Its mean activation over the post-instruction tokens, nothing clamped."),
+        _field("effect", pa.float64(), "Relative change of that mean activation when the upstream latent is clamped "
+               "(-1 = gone); null when the feature never fires on these prompts.", True),
+        _field("ci_low", pa.float64(), "Bootstrap 95% interval over prompts, lower end.", True),
+        _field("ci_high", pa.float64(), "Bootstrap 95% interval over prompts, upper end.", True),
+        _field("n_prompts", pa.int32(), "Harmful prompts measured."),
+        _field("in_upstream_set", pa.bool_(), "The upstream latent is in the set clamped alone in feature_generations."),
+    ]
+)
+
 EFFECTS = pa.schema(
     [
         MODEL_KEY,

@@ -59,13 +59,18 @@ sequence_prompts = 2
 sequence_new_tokens = 3
 direction_candidates = 2
 max_new_tokens = 6
+jailbreak_prompts = 3
+probe_seeds = 5
+upstream_candidates = 3
+edge_prompts = 3
+upstream_set_size = 2
 """
 
 
 SMALL_SAES = """
 [studies."{key}".saes]
 kind = "train"
-layers = [1]
+layers = [0, 1]
 width = 96
 k = 8
 training_tokens = 4000

@@ -166,6 +166,99 @@ def category_cosines(rows: list[dict], study: str):
     return figure
 
 
+def jailbreak_drop(rows: list[dict], study: str):
+    """Bars per jailbreak family: mean relative drop of the refusal features for succeeded vs failed jailbreaks, with intervals."""
+    families = list(dict.fromkeys(r["family"] for r in rows))
+    figure, axis = plt.subplots(figsize=(1.6 + 1.3 * len(families), 3.6))
+    width, labelled = 0.38, set()
+    for k, outcome in enumerate(("succeeded", "failed")):
+        for i, family in enumerate(families):
+            row = next((r for r in rows if r["family"] == family and r["outcome"] == outcome), None)
+            x = i + (k - 0.5) * width
+            if row is None or row["mean_relative_drop"] is None:
+                axis.text(x, 0.02, f"n={row['n_pairs'] if row else 0}\ntoo few", ha="center", va="bottom", fontsize=6)
+                continue
+            mean = row["mean_relative_drop"]
+            axis.bar(x, mean, width * 0.92, yerr=[[mean - row["ci_low"]], [row["ci_high"] - mean]], capsize=2,
+                     color="C3" if outcome == "succeeded" else "C0", label=None if outcome in labelled else outcome)
+            labelled.add(outcome)
+            axis.text(x, max(row["ci_high"], 0) + 0.02, f"n={row['n_pairs']}", ha="center", va="bottom", fontsize=6)
+    axis.axhline(0, color="0.6", linewidth=0.8)
+    axis.set_xticks(range(len(families)), families)
+    axis.set_xlabel("jailbreak family")
+    axis.set_ylabel("relative drop of refusal-feature activation")
+    axis.set_title(f"Refusal features under jailbreaks (refused base prompts), {study}\n(95% bootstrap intervals)", fontsize=9)
+    if labelled:
+        axis.legend(title="jailbreak", frameon=False, fontsize=7)
+    return figure
+
+
+PROBE_ORDER = ("refusal_features", "dense_residual", "random_latents", "refusal_direction", "harmfulness_direction")
+
+
+def probe_comparison(rows: list[dict], study: str):
+    """Accuracy and AUROC of each probe in distribution and on jailbreaks, with intervals over bootstrap seeds."""
+    probes = [p for p in PROBE_ORDER if any(r["probe"] == p for r in rows)]
+    figure, axes = plt.subplots(1, 2, figsize=(8.4, 3.6), sharey=True)
+    width, labelled = 0.38, set()
+    for axis, metric in zip(axes, ("accuracy", "auroc")):
+        for k, test_set in enumerate(("in_distribution", "jailbreak")):
+            for i, probe in enumerate(probes):
+                row = next((r for r in rows if r["probe"] == probe and r["test_set"] == test_set), None)
+                x = i + (k - 0.5) * width
+                if row is None or row[metric] is None:
+                    axis.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
+                    continue
+                value = row[metric]
+                axis.bar(x, value, width * 0.92, yerr=[[value - row[f"{metric}_low"]], [row[f"{metric}_high"] - value]],
+                         capsize=2, color=f"C{k}", label=None if test_set in labelled else test_set.replace("_", " "))
+                labelled.add(test_set)
+                axis.text(x, row[f"{metric}_high"] + 0.02, f"{value:.2f}", ha="center", va="bottom", fontsize=6)
+        axis.axhline(0.5, color="0.6", linestyle="--", linewidth=0.8)
+        axis.set_xticks(range(len(probes)), [p.replace("_", "\n") for p in probes], fontsize=7)
+        axis.set_ylim(0, 1.12)
+        axis.set_ylabel(metric if metric == "accuracy" else "AUROC")
+        axis.set_xlabel("probe input")
+    if labelled:
+        axes[0].legend(title="test set", frameon=False, fontsize=7)
+    figure.suptitle(f"Probes predicting refusal, {study} (95% intervals over bootstrap seeds)", fontsize=10)
+    return figure
+
+
+def feature_graph(rows: list[dict], study: str):
+    """Upstream latents (left) to refusal features (right); edge colour and width show the relative change clamping causes."""
+    upstream = sorted({(r["upstream_layer"], r["upstream_latent"]) for r in rows})
+    downstream = sorted({(r["downstream_layer"], r["downstream_latent"]) for r in rows})
+    figure, axis = plt.subplots(figsize=(6.4, 1.6 + 0.22 * max(len(upstream), len(downstream))))
+    y_up = {key: 1 - i / max(1, len(upstream) - 1) for i, key in enumerate(upstream)}
+    y_down = {key: 1 - i / max(1, len(downstream) - 1) for i, key in enumerate(downstream)}
+    colours = plt.get_cmap("RdBu_r")
+    for r in rows:
+        if r["effect"] is None:
+            continue
+        significant = r["ci_high"] is not None and (r["ci_high"] < 0 or r["ci_low"] > 0)
+        effect = max(-1.0, min(1.0, r["effect"]))
+        axis.plot([0, 1], [y_up[(r["upstream_layer"], r["upstream_latent"])], y_down[(r["downstream_layer"], r["downstream_latent"])]],
+                  color=colours((effect + 1) / 2), linewidth=0.4 + 3 * abs(effect), alpha=0.9 if significant else 0.15)
+    in_set = {(r["upstream_layer"], r["upstream_latent"]) for r in rows if r["in_upstream_set"]}
+    for key, y in y_up.items():
+        axis.text(-0.02, y, f"L{key[0]}/{key[1]}", ha="right", va="center", fontsize=6,
+                  fontweight="bold" if key in in_set else "normal")
+    for key, y in y_down.items():
+        axis.text(1.02, y, f"L{key[0]}/{key[1]}", ha="left", va="center", fontsize=6)
+    axis.scatter([0] * len(y_up), list(y_up.values()), s=10, color=["C3" if k in in_set else "0.4" for k in y_up], zorder=3)
+    axis.scatter([1] * len(y_down), list(y_down.values()), s=10, color="0.2", zorder=3)
+    axis.set_xlim(-0.35, 1.35)
+    axis.set_xticks([0, 1], ["upstream latent (clamped)", "refusal feature"])
+    axis.set_yticks([])
+    for side in ("left", "right", "top"):
+        axis.spines[side].set_visible(False)
+    image = plt.cm.ScalarMappable(cmap=colours, norm=plt.Normalize(-1, 1))
+    figure.colorbar(image, ax=axis, label="relative change of the refusal feature", fraction=0.04)
+    axis.set_title(f"Upstream -> refusal features, {study}\n(bold/red: the upstream set; faint: interval includes 0)", fontsize=9)
+    return figure
+
+
 def _readable(token: str) -> str:
     """A byte-level BPE token as a person reads it: newline and space markers spelled out."""
     return repr(token.replace("Ċ", "\n").replace("Ġ", " "))
@@ -178,6 +271,9 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     "feature_clamping": ("feature_table", feature_clamping),
     "attribution_by_layer": ("attribution_by_layer", attribution_by_layer),
     "refusal_along_sequence": ("refusal_along_sequence", refusal_along_sequence),
+    "feature_graph": ("feature_graph", feature_graph),
+    "probe_comparison": ("probe_comparison", probe_comparison),
+    "jailbreak_drop": ("jailbreak_analysis", jailbreak_drop),
 }
 """Figure name to (named query it is drawn from, drawing function)."""
 

@@ -124,3 +124,50 @@ FROM refusal_along_sequence s
 JOIN (SELECT model, layer_index FROM refusal_directions WHERE selected) d USING (model, layer_index)
 GROUP BY s.model, s.label, s.position
 ORDER BY s.model, s.label, s.position;
+
+-- name: jailbreak_analysis
+-- Relative drop of the refusal features under jailbreaks, by family and outcome (refused base prompts), with intervals.
+SELECT model, family, outcome, n_pairs, round(mean_relative_drop, 3) AS mean_relative_drop, round(ci_low, 3) AS ci_low,
+       round(ci_high, 3) AS ci_high, round(mean_harmfulness_drop, 2) AS mean_harmfulness_drop,
+       round(harmful_by_direction_rate, 3) AS still_harmful_by_direction, note
+FROM jailbreak_summary
+ORDER BY model, family = 'all' DESC, family, outcome DESC;
+
+-- name: jailbreak_pairs
+-- Every (harmful prompt, jailbreak) pair: who refused, the refusal-feature drop, and both directions on both prompts.
+SELECT model, family, jailbreak_method, base_refused, jailbreak_refused, succeeded, round(relative_drop, 3) AS relative_drop,
+       round(base_refusal_projection, 2) AS base_refusal, round(jailbreak_refusal_projection, 2) AS jailbreak_refusal,
+       round(base_harmfulness_projection, 2) AS base_harmfulness,
+       round(jailbreak_harmfulness_projection, 2) AS jailbreak_harmfulness, jailbreak_harmful_by_direction
+FROM jailbreak_analysis
+ORDER BY model, family, jailbreak_method, base_prompt_id;
+
+-- name: probe_comparison
+-- Probes predicting refusal: accuracy and AUROC in distribution and on jailbreaks, per feature set, with intervals.
+SELECT model, probe, n_features, layer_index, test_set, n_refused, n_complied,
+       round(accuracy, 3) AS accuracy, round(accuracy_low, 3) AS accuracy_low, round(accuracy_high, 3) AS accuracy_high,
+       round(auroc, 3) AS auroc, round(auroc_low, 3) AS auroc_low, round(auroc_high, 3) AS auroc_high, note
+FROM refusal_probes
+ORDER BY model, test_set DESC, probe;
+
+-- name: latent_guard
+-- Share of prompts flagged harmful by the harmfulness direction, the refusal direction and the model's own refusals.
+SELECT model, eval_set, classifier, n_prompts, round(flagged_rate, 3) AS flagged_rate, round(ci_low, 3) AS ci_low,
+       round(ci_high, 3) AS ci_high, round(threshold, 2) AS threshold
+FROM latent_guard
+ORDER BY model, eval_set, classifier;
+
+-- name: feature_edges
+-- Upstream latents by how much clamping them lowers the sum of the later refusal features, with intervals.
+SELECT model, upstream_layer, upstream_latent, downstream_layer, round(clean_activation, 3) AS clean_activation,
+       round(effect, 3) AS effect, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high, n_prompts, in_upstream_set
+FROM feature_edges
+WHERE downstream_latent IS NULL
+ORDER BY model, effect, upstream_layer, upstream_latent;
+
+-- name: feature_graph
+-- Every upstream -> refusal-feature edge, for the graph figure.
+SELECT model, upstream_layer, upstream_latent, downstream_layer, downstream_latent, effect, ci_low, ci_high, in_upstream_set
+FROM feature_edges
+WHERE downstream_latent IS NOT NULL
+ORDER BY model, upstream_layer, upstream_latent, downstream_latent;

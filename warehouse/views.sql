@@ -30,6 +30,20 @@ CREATE VIEW feature_effects AS
     SELECT * FROM read_parquet('{root}/feature_effects/model=*/*.parquet', hive_partitioning = true);
 CREATE VIEW refusal_along_sequence AS
     SELECT * FROM read_parquet('{root}/refusal_along_sequence/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW feature_edges AS
+    SELECT * FROM read_parquet('{root}/feature_edges/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW jailbreak_generations AS
+    SELECT * FROM read_parquet('{root}/jailbreak_generations/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW eval_activations AS
+    SELECT * FROM read_parquet('{root}/eval_activations/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW jailbreak_analysis AS
+    SELECT * FROM read_parquet('{root}/jailbreak_analysis/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW jailbreak_summary AS
+    SELECT * FROM read_parquet('{root}/jailbreak_summary/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW refusal_probes AS
+    SELECT * FROM read_parquet('{root}/refusal_probes/model=*/*.parquet', hive_partitioning = true);
+CREATE VIEW latent_guard AS
+    SELECT * FROM read_parquet('{root}/latent_guard/model=*/*.parquet', hive_partitioning = true);
 
 -- Derived views, over the table views above.
 CREATE VIEW direction_cosines AS

@@ -56,13 +56,14 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert not list((warehouse / ".staging").iterdir())
         _check_direction_tables(warehouse, key)
         quality = pq.read_table(warehouse / "saes" / f"model={key}" / "data.parquet").to_pylist()
-        assert [row["layer_index"] for row in quality] == [1] and quality[0]["width"] == 96
+        assert [row["layer_index"] for row in quality] == [0, 1] and quality[0]["width"] == 96
         assert quality[0]["sae_source"].startswith("trained:") and -1 < quality[0]["explained_variance"] <= 1
         check = instance.get_latest_asset_check_evaluation_record(dg.AssetCheckKey(dg.AssetKey("saes"), "sae_quality_thresholds"))
         assert check is not None
         sae_lineage = pq.read_table(warehouse / "lineage" / f"model={key}" / "saes.parquet").to_pylist()[0]
-        assert sae_lineage["sae_source"].startswith("1=trained:") and len(sae_lineage["sae_sha256"]) > 64
+        assert sae_lineage["sae_source"].startswith("0=trained:") and len(sae_lineage["sae_sha256"]) > 64
         _check_feature_tables(warehouse, key)
+        _check_analysis_tables(warehouse, key)
         sequence = pq.read_table(warehouse / "refusal_along_sequence" / f"model={key}" / "data.parquet").to_pylist()
         assert {r["label"] for r in sequence} == {"harmful", "harmless", "jailbreak"}
         assert {r["layer_index"] for r in sequence} == {0, 1, 2}
@@ -72,7 +73,8 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
             assert [r["token"] for r in sequence if r["prompt_id"] == prompt_id and r["position"] == positions[0]] == ["[instruction]"] * 3
         pngs = sorted(p.name for p in (warehouse / "figures" / f"model={key}").glob("*.png"))
         assert pngs == ["attribution_by_layer.png", "category_cosines.png", "direction_selection.png", "feature_clamping.png",
-                        "refusal_along_sequence.png", "refusal_by_intervention.png"]
+                        "feature_graph.png", "jailbreak_drop.png", "probe_comparison.png", "refusal_along_sequence.png",
+                        "refusal_by_intervention.png"]
         figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization
         assert figure_event.metadata["refusal_by_intervention"].value.startswith("![refusal_by_intervention](data:image/png;base64,")
         _check_report(warehouse / "report" / f"model={key}" / "index.html", key)
@@ -97,11 +99,13 @@ def _check_report(path, key):
     page = Collect()
     page.feed(path.read_text())
     assert {"refusal_by_intervention", "direction_selection", "category_cosines", "feature_clamping", "attribution_by_layer",
-            "table-main_table", "table-feature_table", "table-feature_cards", "lineage"} <= page.ids
-    assert page.images == 6
+            "table-main_table", "table-feature_table", "table-feature_cards", "lineage", "feature_graph", "probe_comparison",
+            "jailbreak_drop", "table-jailbreak_analysis", "table-probe_comparison", "table-latent_guard"} <= page.ids
+    assert page.images == 9
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
     assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text
+    assert "refusal_probes  sha256" in text and "jailbreak_summary  sha256" in text and "eval_activations  sha256" in text
 
 
 def _check_direction_tables(warehouse, key):
@@ -155,8 +159,8 @@ def _check_feature_tables(warehouse, key):
     overall = attributions.filter(attributions["prompt_id"].is_null()).to_pylist()
     per_prompt = attributions.filter(attributions["prompt_id"].is_valid()).to_pylist()
     assert overall and len(per_prompt) % len(overall) == 0 and len(per_prompt) >= len(overall)
-    assert all(row["layer_index"] == 1 and 0 <= row["latent_index"] < 96 for row in overall)
-    assert sorted(r["combined_rank"] for r in overall if r["combined_rank"] is not None) == list(range(1, 5))
+    assert {row["layer_index"] for row in overall} == {0, 1} and all(0 <= row["latent_index"] < 96 for row in overall)
+    assert sorted(r["combined_rank"] for r in overall if r["combined_rank"] is not None) == list(range(1, 9))
     assert all((r["combined_rank"] is not None) == (r["cosine_rank"] <= 4) for r in overall)
     sets = read("feature_sets").to_pylist()
     names = ("cossim_ap", "cosine", "activation_difference", "attribution", "random")
@@ -172,10 +176,77 @@ def _check_feature_tables(warehouse, key):
     generated = read("feature_generations").to_pylist()
     kinds = {(r["intervention_kind"], json.loads(r["intervention_parameters"])["parts"][0]["feature_set"], r["label"])
              for r in generated}
-    assert kinds == {("clamp", name, "harmful") for name in names} | {("induce", "cossim_ap", "harmless"),
-                                                                      ("induce", "random", "harmless")}
+    edges = read("feature_edges").to_pylist()
+    upstream = {(r["upstream_layer"], r["upstream_latent"]) for r in edges if r["in_upstream_set"]}
+    assert upstream, "the tiny study's clamping finds an upstream latent"
+    assert kinds == {("clamp", name, "harmful") for name in (*names, "upstream")} | {("induce", "cossim_ap", "harmless"),
+                                                                                    ("induce", "random", "harmless")}
+    clamped_upstream = next(json.loads(r["intervention_parameters"])["parts"] for r in generated
+                            if json.loads(r["intervention_parameters"])["parts"][0]["feature_set"] == "upstream")
+    assert {(part["layer"], latent) for part in clamped_upstream for latent in part["latents"]} == upstream
     effects = read("feature_effects").to_pylist()
-    assert len(effects) == 2 * 7 and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
+    assert len(effects) == 2 * 8 and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
+
+
+def _check_analysis_tables(warehouse, key):
+    read = lambda name: pq.read_table(warehouse / name / f"model={key}" / "data.parquet")  # noqa: E731
+    prompts = {r["prompt_id"]: r for r in read("prompts").to_pylist()}
+    judged = read("jailbreak_generations").to_pylist()
+    jailbreaks = [prompts[r["prompt_id"]] for r in judged if r["label"] == "jailbreak"]
+    assert sorted(p["source"] for p in jailbreaks) == ["dan"] * 3 + ["gcg"] * 3 + ["phrasing"] * 3
+    bases = {p["base_prompt_id"] for p in jailbreaks if p["source"] != "phrasing"}
+    assert {r["prompt_id"] for r in judged if r["label"] == "harmful"} == bases
+    baseline = read("baseline_generations").to_pylist()
+    captured = read("eval_activations")
+    assert set(captured["prompt_id"].to_pylist()) == {r["prompt_id"] for r in baseline + judged}
+    assert captured.num_rows == len({r["prompt_id"] for r in baseline + judged}) * 3 * len(set(captured["position"].to_pylist()))
+    refused = {r["prompt_id"]: r["refused_substring"] for r in judged}
+    sets = read("feature_sets").to_pylist()
+    cossim = [(r["layer_index"], r["latent_index"]) for r in sorted(sets, key=lambda r: r["rank"]) if r["feature_set"] == "cossim_ap"]
+    pairs = read("jailbreak_analysis").to_pylist()
+    assert len(pairs) == 6 and {p["family"] for p in pairs} == {"dan", "gcg"}
+    for pair in pairs:
+        assert prompts[pair["jailbreak_prompt_id"]]["base_prompt_id"] == pair["base_prompt_id"]
+        assert pair["base_refused"] == refused[pair["base_prompt_id"]] and pair["jailbreak_refused"] == refused[pair["jailbreak_prompt_id"]]
+        assert pair["succeeded"] == (pair["base_refused"] and not pair["jailbreak_refused"])
+        assert [(f["layer_index"], f["latent_index"]) for f in pair["features"]] == cossim
+        assert pair["base_activation"] == pytest.approx(sum(f["base_activation"] for f in pair["features"]))
+        if pair["base_activation"] > 0:
+            assert pair["relative_drop"] == pytest.approx(1 - pair["jailbreak_activation"] / pair["base_activation"])
+    summary = read("jailbreak_summary").to_pylist()
+    assert [(r["family"], r["outcome"]) for r in summary] == [
+        (family, outcome) for family in ("all", "dan", "gcg") for outcome in ("succeeded", "failed")]
+    for row in summary:  # six pairs cannot give five of one outcome in a family
+        assert row["mean_relative_drop"] is None and f"{row['n_pairs']} {row['outcome']} " in row["note"]
+    probes = read("refusal_probes").to_pylist()
+    assert sorted({r["probe"] for r in probes}) == ["dense_residual", "harmfulness_direction", "random_latents",
+                                                    "refusal_direction", "refusal_features"]
+    for row in probes:
+        test = [r for r in (baseline if row["test_set"] == "in_distribution" else judged)
+                if r["label"] in (("harmful", "harmless") if row["test_set"] == "in_distribution" else ("jailbreak",))]
+        assert (row["n_refused"], row["n_complied"]) == (sum(r["refused_substring"] for r in test),
+                                                         sum(not r["refused_substring"] for r in test))
+        if row["note"]:
+            assert row["accuracy"] is None and row["auroc"] is None and "a probe needs at least 5 of each" in row["note"]
+        else:
+            assert row["accuracy_low"] <= row["accuracy_high"] and 0 <= row["auroc"] <= 1
+    guard = read("latent_guard").to_pylist()
+    assert {r["eval_set"] for r in guard} == {"harmful", "harmless", "jailbreak:dan", "jailbreak:gcg", "jailbreak:phrasing"}
+    for row in guard:
+        assert (row["threshold"] is None) == (row["classifier"] == "substring_judge")
+        assert 0 <= row["ci_low"] <= row["flagged_rate"] <= row["ci_high"] <= 1
+        if row["classifier"] == "substring_judge" and row["eval_set"].startswith("jailbreak:"):
+            family = row["eval_set"].split(":")[1]
+            assert row["flagged_rate"] == pytest.approx(
+                sum(refused[p["prompt_id"]] for p in jailbreaks if p["source"] == family) / 3)
+    edges = read("feature_edges").to_pylist()
+    downstream = sorted(latent for layer, latent in cossim if layer == 1)
+    assert {(r["upstream_layer"], r["downstream_layer"]) for r in edges} == {(0, 1)}
+    assert not {(r["upstream_layer"], r["upstream_latent"]) for r in edges} & set(cossim)
+    assert len(edges) == 3 * (len(downstream) + 1)
+    for row in edges:
+        if row["in_upstream_set"] and row["downstream_latent"] is None:
+            assert row["ci_high"] < 0 and row["effect"] < 0
 
 
 def test_rematerializing_unchanged_inputs_gives_the_same_data_version_and_bytes(tiny_registry, warehouse):

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow as pa
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_core.generation import generate
+from refusal_core.generation import generate_scored
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.judges import ClassifierJudge, SubstringJudge
-from refusal_core.scoring import answer_log_probs, refusal_score
+from refusal_core.scoring import refusal_score
 from refusal_core.tables import GENERATIONS
 
 
@@ -36,8 +36,8 @@ def judged_generations(
         classifier: an optional third judge; it sees `instructions` (the user's text) and each answer.
     """
     with intervene(model, intervention):
-        completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-    scores = refusal_score(answer_log_probs(model, tokenizer, prompts, intervention, batch_size), refusal_ids)
+        completions, first_log_probs = generate_scored(model, tokenizer, prompts, max_new_tokens, batch_size)
+    scores = refusal_score(first_log_probs, refusal_ids)
     by_substring = SubstringJudge().judge(completions)
     by_score = [bool(s > 0) for s in scores.tolist()]
     by_classifier = classifier.judge(list(instructions or prompts), completions) if classifier else [None] * len(prompts)

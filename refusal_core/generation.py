@@ -36,6 +36,21 @@ def generate(
     Prompts are batched by length; the tokens they all share (the system prompt) are run once and
     reused. Decoding is greedy, so the same prompts always give the same completions.
     """
+    return generate_scored(model, tokenizer, prompts, max_new_tokens, batch_size, progress)[0]
+
+
+def generate_scored(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[list[str], Tensor]:
+    """`generate`, plus the log-probabilities of the first answer token [n_prompts, vocab] from the same pass.
+
+    They are what `scoring.answer_log_probs` computes, without running the prompts a second time.
+    """
     if not prompts:
         raise ValueError("No prompts to generate for; the prompt selection is empty.")
     device = next(model.parameters()).device
@@ -49,6 +64,7 @@ def generate(
     fits = window is None or max(map(len, ids)) + max_new_tokens <= window
     prefix = prefix_cache(model, tokenizer, prompts) if fits else None
     completions: list[str] = [""] * len(prompts)
+    first: list[Tensor | None] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
@@ -56,15 +72,17 @@ def generate(
         with torch.inference_mode():
             output = model.generate(
                 **inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True,
             )
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]  # [batch, new]
-        for index, row in zip(indices, new_tokens.tolist()):
+        new_tokens = output.sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new]
+        log_probs = torch.log_softmax(output.logits[0].float(), dim=-1).cpu()  # [batch, vocab], raw first-step logits
+        for k, (index, row) in enumerate(zip(indices, new_tokens.tolist())):
             cut = next((i for i, token in enumerate(row) if token in stops), len(row))
             completions[index] = tokenizer.decode(row[:cut], skip_special_tokens=True)
+            first[index] = log_probs[k]
         bar.update(len(indices))
     bar.close()
-    return completions
+    return completions, torch.stack(first)
 
 
 def _generation_inputs(rows: list[list[int]], prefix: PrefixCache | None, pad_id: int,

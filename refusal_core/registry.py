@@ -116,7 +116,8 @@ class Settings(_Strict):
         default=None, description="An optional third judge (e.g. HarmBench-Llama-2-13b-cls, LlamaGuard) for users who have one."
     )
     direction_candidates: int = Field(
-        default=12, gt=0, description="Candidates (best by cosine score) whose ablation and addition are measured."
+        default=8, gt=0, description="Candidates (best by cosine score) whose ablation and addition are measured "
+        "(the default model's selected direction is 4th by cosine score)."
     )
     attribution_prompts: int = Field(
         default=16, gt=0, description="Refused harmful train prompts whose latents get attribution patching scores."

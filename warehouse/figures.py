@@ -169,7 +169,7 @@ def category_cosines(rows: list[dict], study: str):
 def jailbreak_drop(rows: list[dict], study: str):
     """Bars per jailbreak family: mean relative drop of the refusal features for succeeded vs failed jailbreaks, with intervals."""
     families = list(dict.fromkeys(r["family"] for r in rows))
-    figure, axis = plt.subplots(figsize=(1.6 + 1.3 * len(families), 3.6))
+    figure, axis = plt.subplots(figsize=(2.4 + 1.3 * len(families), 3.8))
     width, labelled = 0.38, set()
     for k, outcome in enumerate(("succeeded", "failed")):
         for i, family in enumerate(families):
@@ -187,7 +187,9 @@ def jailbreak_drop(rows: list[dict], study: str):
     axis.set_xticks(range(len(families)), families)
     axis.set_xlabel("jailbreak family")
     axis.set_ylabel("relative drop of refusal-feature activation")
-    axis.set_title(f"Refusal features under jailbreaks (refused base prompts), {study}\n(95% bootstrap intervals)", fontsize=9)
+    axis.margins(y=0.15)
+    axis.set_title(f"Refusal-feature drop under jailbreaks, {study}\n(pairs whose base prompt is refused; 95% bootstrap intervals)",
+                   fontsize=9)
     if labelled:
         axis.legend(title="jailbreak", frameon=False, fontsize=7)
     return figure

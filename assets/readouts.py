@@ -17,8 +17,9 @@ def residual_vectors(activations: pa.Table, layer: int, position: int | None = N
     rows = rows.filter(pc.not_equal(rows["token"], INSTRUCTION_TOKEN) if position is None
                        else pc.equal(rows["position"], position))
     if rows.num_rows == 0:
-        raise ValueError(f"The activations table has no rows at layer {layer}"
-                         f"{'' if position is None else f', position {position}'}; capture that layer (settings.layers).")
+        where = f"layer {layer}" if position is None else f"layer {layer}, position {position}"
+        raise ValueError(f"The activations table has no rows at {where}; capture that layer (settings.layers) and "
+                         "re-materialize the activations.")
     rows = rows.sort_by([("prompt_id", "ascending"), ("position", "ascending")])
     ids = pc.unique(rows["prompt_id"]).to_pylist()
     flat = pc.list_flatten(rows["activation"]).to_numpy()
@@ -49,13 +50,14 @@ def direction_row(category_directions: pa.Table, name: str) -> dict:
     return rows[0]
 
 
-def fitted_threshold(activations: pa.Table, prompts: pa.Table, direction: dict) -> float:
-    """Projection threshold on `direction` that best separates the stored harmful from harmless train prompts."""
+def fitted_threshold(activations: pa.Table, prompts: pa.Table, direction: dict, exclude: set[str] = frozenset()) -> float:
+    """Projection threshold on `direction` that best separates the stored harmful from harmless prompts (not `exclude`)."""
     from refusal_core.probes import fit_threshold
 
     values = projections(activations, direction)
     labels = dict(zip(prompts["prompt_id"].to_pylist(), prompts["label"].to_pylist()))
-    train = [(v, labels[i] == "harmful") for i, v in values.items() if labels.get(i) in ("harmful", "harmless")]
+    train = [(v, labels[i] == "harmful") for i, v in values.items()
+             if labels.get(i) in ("harmful", "harmless") and i not in exclude]
     if not any(flag for _, flag in train) or all(flag for _, flag in train):
         raise ValueError("The activations table needs harmful and harmless prompts to fit a threshold on a direction; "
                          "keep both in settings.activation_labels.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -68,9 +69,11 @@ def _run(args: argparse.Namespace) -> int:
         if args.start not in names:
             raise ValueError(f"--from {args.start!r} is not an asset; choose one of {', '.join(names)}.")
         selection = sorted(dg.AssetSelection.assets(args.start).downstream().resolve(graph), key=str)
+    _release_abandoned_runs(instance)
     started = time.perf_counter()
     result = defs.resolve_job_def(study_job.name).execute_in_process(
-        partition_key=key, instance=instance, raise_on_error=False, asset_selection=selection
+        partition_key=key, instance=instance, raise_on_error=False, asset_selection=selection,
+        tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()},
     )
     if not result.success:
         for event in result.all_events:
@@ -85,6 +88,36 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  Lineage:        refusal-sae lineage intervention_effects --study {key}")
     print("  Try:            refusal-sae query feature_table")
     return 0
+
+
+PID_TAG, HOST_TAG = "refusal_sae/pid", "refusal_sae/host"
+"""Run tags saying which process on which machine runs a `refusal-sae run`."""
+
+
+def _release_abandoned_runs(instance) -> None:
+    """Mark this machine's `refusal-sae run`s whose process is gone (killed) as failed and free their pool slots.
+
+    Otherwise a killed run keeps its `gpu` pool slot and the next run waits for it forever.
+    """
+    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+
+    live = RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING], tags={HOST_TAG: socket.gethostname()})
+    for run in instance.get_runs(filters=live):
+        pid = int(run.tags.get(PID_TAG, "0"))
+        if pid and not _alive(pid):
+            instance.report_run_failed(run, f"Its process ({pid}) ended without finishing the run.")
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+            print(f"refusal-sae: released run {run.run_id}, whose process {pid} is gone.", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _generate(args: argparse.Namespace) -> int:

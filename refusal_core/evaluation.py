@@ -68,19 +68,24 @@ def bootstrap_interval(values: Sequence[float], n_resamples: int = 2000, seed: i
     return float(low), float(high)
 
 
-def ratio_interval(changes: np.ndarray, baselines: np.ndarray, n_resamples: int = 2000,
-                   seed: int = 0) -> tuple[float, float, float]:
+def ratio_interval(changes: np.ndarray, baselines: np.ndarray, n_resamples: int = 2000, seed: int = 0,
+                   max_undefined: float = 0.05) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """mean(changes) / mean(baselines) over rows (the first axis), with its 95% bootstrap interval over rows.
 
-    Both arrays are [n_rows, ...]; the result has the trailing shape. Resampled means of 0 give nan.
+    Both arrays are [n_rows, ...]; each result has the trailing shape. A column whose baseline mean is 0
+    in more than `max_undefined` of the resamples (a latent that rarely fires) gets nan throughout,
+    rather than an interval over the resamples where it happened to fire.
     """
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(changes), size=(n_resamples, len(changes)))
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns: latents that never fire
-        point = changes.mean(0) / baselines.mean(0)
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns
+        point = np.asarray(changes.mean(0) / baselines.mean(0), dtype=np.float64)
         ratios = changes[picks].mean(1) / baselines[picks].mean(1)  # [n_resamples, ...]
+        ratios[~np.isfinite(ratios)] = np.nan
+        undefined = (np.isnan(ratios).mean(0) > max_undefined) | ~np.isfinite(point)
         low, high = np.nanpercentile(ratios, [2.5, 97.5], axis=0)
+    point[undefined], low[undefined], high[undefined] = np.nan, np.nan, np.nan
     return point, low, high
 
 

@@ -212,10 +212,13 @@ def probe_comparison(rows: list[dict], study: str):
                     axis.text(x, 0.02, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
                     continue
                 value = row[metric]
-                axis.bar(x, value, width * 0.92, yerr=[[value - row[f"{metric}_low"]], [row[f"{metric}_high"] - value]],
+                # The point is the probe fitted on every train row; the interval comes from refits on resamples,
+                # so the point can sit just outside it.
+                error = [[max(0.0, value - row[f"{metric}_low"])], [max(0.0, row[f"{metric}_high"] - value)]]
+                axis.bar(x, value, width * 0.92, yerr=error,
                          capsize=2, color=f"C{k}", label=None if test_set in labelled else test_set.replace("_", " "))
                 labelled.add(test_set)
-                axis.text(x, row[f"{metric}_high"] + 0.02, f"{value:.2f}", ha="center", va="bottom", fontsize=6)
+                axis.text(x, max(value, row[f"{metric}_high"]) + 0.02, f"{value:.2f}", ha="center", va="bottom", fontsize=6)
         axis.axhline(0.5, color="0.6", linestyle="--", linewidth=0.8)
         axis.set_xticks(range(len(probes)), [p.replace("_", "\n") for p in probes], fontsize=7)
         axis.set_ylim(0, 1.12)
@@ -275,7 +278,7 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     "refusal_along_sequence": ("refusal_along_sequence", refusal_along_sequence),
     "feature_graph": ("feature_graph", feature_graph),
     "probe_comparison": ("probe_comparison", probe_comparison),
-    "jailbreak_drop": ("jailbreak_analysis", jailbreak_drop),
+    "jailbreak_drop": ("jailbreak_summary", jailbreak_drop),
 }
 """Figure name to (named query it is drawn from, drawing function)."""
 

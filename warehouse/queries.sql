@@ -125,7 +125,7 @@ JOIN (SELECT model, layer_index FROM refusal_directions WHERE selected) d USING 
 GROUP BY s.model, s.label, s.position
 ORDER BY s.model, s.label, s.position;
 
--- name: jailbreak_analysis
+-- name: jailbreak_summary
 -- Relative drop of the refusal features under jailbreaks, by family and outcome (refused base prompts), with intervals.
 SELECT model, family, outcome, n_pairs, round(mean_relative_drop, 3) AS mean_relative_drop, round(ci_low, 3) AS ci_low,
        round(ci_high, 3) AS ci_high, round(mean_harmfulness_drop, 2) AS mean_harmfulness_drop,

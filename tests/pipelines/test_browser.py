@@ -59,7 +59,7 @@ def test_report_renders_in_chromium_with_every_figure_and_table(study, browser):
     # Every figure decoded into a picture, not a broken-image icon.
     widths = images.evaluate_all("nodes => nodes.map(n => n.complete ? n.naturalWidth : 0)")
     assert all(width > 500 for width in widths)
-    for table in ("main_table", "feature_table", "probe_comparison", "jailbreak_analysis", "latent_guard", "feature_edges"):
+    for table in ("main_table", "feature_table", "probe_comparison", "jailbreak_summary", "latent_guard", "feature_edges"):
         assert page.locator(f"#table-{table}").is_visible()
     assert page.locator("#table-probe_comparison + table tr").count() == 1 + 10  # header + 5 probes x 2 test sets
     assert "refusal_probes  sha256" in page.locator("#lineage + pre").inner_text()
@@ -85,8 +85,9 @@ def test_dagster_ui_on_localhost_shows_the_study_assets_in_the_asset_graph(study
     port = _free_port()
     env = {**os.environ, "DAGSTER_HOME": str(study["home"]), "REFUSAL_SAE_REGISTRY": str(study["registry"]),
            "REFUSAL_SAE_WAREHOUSE": str(study["warehouse"]), "REFUSAL_SAE_CACHE": str(study["cache"])}
+    log = (study["home"] / "webserver.log").open("w")  # a file, so a chatty server never blocks on a full pipe
     server = subprocess.Popen([sys.executable, "-m", "dagster_webserver", "-h", "127.0.0.1", "-p", str(port),
-                               "-m", "pipelines.definitions"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               "-m", "pipelines.definitions"], env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -96,7 +97,7 @@ def test_dagster_ui_on_localhost_shows_the_study_assets_in_the_asset_graph(study
                     assert b"dagster_webserver_version" in response.read()
                 break
             except OSError:
-                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+                assert server.poll() is None, (study["home"] / "webserver.log").read_text()[-2000:]
                 assert time.monotonic() < deadline, "the Dagster UI did not answer within 180 s"
                 time.sleep(1)
         defs = build_definitions(str(study["registry"]), str(study["warehouse"]), str(study["cache"]), "cpu")
@@ -123,3 +124,4 @@ def test_dagster_ui_on_localhost_shows_the_study_assets_in_the_asset_graph(study
     finally:
         server.terminate()
         server.wait(timeout=30)
+        log.close()

@@ -1,3 +1,4 @@
+import os
 import dagster as dg
 import pyarrow.parquet as pq
 
@@ -61,3 +62,35 @@ def test_run_from_an_asset_rematerializes_only_it_and_what_is_downstream(monkeyp
     assert after["feature_sets"] > before["feature_sets"] and after["feature_effects"] > before["feature_effects"]
     assert main(["run", "--from", "nonsense"]) == 2
     assert "--from 'nonsense' is not an asset; choose one of activations," in capsys.readouterr().err
+
+
+def test_a_killed_run_is_released_so_the_next_one_does_not_wait_for_its_pool_slot():
+    import socket
+    import subprocess
+    import sys
+
+    import dagster as dg
+    from dagster._core.storage.dagster_run import DagsterRunStatus
+
+    from pipelines.cli import HOST_TAG, PID_TAG, _release_abandoned_runs
+
+    @dg.op
+    def step():
+        return 1
+
+    @dg.job
+    def job():
+        step()
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with dg.instance_for_test() as instance:
+        runs = {pid: instance.create_run_for_job(job_def=job, status=DagsterRunStatus.STARTED,
+                                                 tags={PID_TAG: str(pid), HOST_TAG: socket.gethostname()})
+                for pid in (gone.pid, os.getpid())}
+        instance.event_log_storage.set_concurrency_slots("gpu", 1)
+        assert instance.event_log_storage.claim_concurrency_slot("gpu", runs[gone.pid].run_id, "step").is_claimed
+        _release_abandoned_runs(instance)
+        assert instance.get_run_by_id(runs[gone.pid].run_id).status == DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(runs[os.getpid()].run_id).status == DagsterRunStatus.STARTED  # still running
+        assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []

@@ -100,7 +100,7 @@ def _check_report(path, key):
     page.feed(path.read_text())
     assert {"refusal_by_intervention", "direction_selection", "category_cosines", "feature_clamping", "attribution_by_layer",
             "table-main_table", "table-feature_table", "table-feature_cards", "lineage", "feature_graph", "probe_comparison",
-            "jailbreak_drop", "table-jailbreak_analysis", "table-probe_comparison", "table-latent_guard"} <= page.ids
+            "jailbreak_drop", "table-jailbreak_summary", "table-probe_comparison", "table-latent_guard"} <= page.ids
     assert page.images == 9
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
@@ -218,8 +218,11 @@ def _check_analysis_tables(warehouse, key):
     summary = read("jailbreak_summary").to_pylist()
     assert [(r["family"], r["outcome"]) for r in summary] == [
         (family, outcome) for family in ("all", "dan", "gcg") for outcome in ("succeeded", "failed")]
-    for row in summary:  # six pairs cannot give five of one outcome in a family
-        assert row["mean_relative_drop"] is None and f"{row['n_pairs']} {row['outcome']} " in row["note"]
+    for row in summary:
+        usable = [p for p in pairs if p["base_refused"] and p["relative_drop"] is not None
+                  and row["family"] in ("all", p["family"]) and p["succeeded"] == (row["outcome"] == "succeeded")]
+        assert row["n_pairs"] == len(usable)
+        assert (row["mean_relative_drop"] is None) == (len(usable) < 5) == (row["note"] is not None)
     probes = read("refusal_probes").to_pylist()
     assert sorted({r["probe"] for r in probes}) == ["dense_residual", "harmfulness_direction", "random_latents",
                                                     "refusal_direction", "refusal_features"]

@@ -93,7 +93,10 @@ class JudgeSpec(_Strict):
 
 class Settings(_Strict):
     seed: int = Field(default=0, description="Seed for every random choice in the study.")
-    batch_size: int = Field(default=16, gt=0, description="Prompts per forward pass.")
+    batch_size: int = Field(
+        default=32, gt=0, description="Prompts per forward pass (on two CPU cores, generating 32 answers at once took 29 s "
+        "against 35 s in two batches of 16: a decoding step costs much the same for 16 or 32 sequences)."
+    )
     layers: list[int] | None = Field(default=None, description="Layers to capture; all when unset.")
     activation_labels: list[str] = Field(
         default=["harmful", "harmless", "over_refusal"], description="Prompt labels whose activations are stored."

@@ -33,8 +33,12 @@ def figures(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Mater
             if not rows:
                 context.log.warning("Query %s has no rows for %s; figure %s skipped.", query, key, name)
                 continue
-            path = save(draw(rows, key), root / "figures" / f"model={key}" / f"{name}.png")
-            encoded = base64.b64encode(path.read_bytes()).decode()
-            metadata[name] = dg.MetadataValue.md(f"![{name}](data:image/png;base64,{encoded})")
-            metadata[f"{name}_path"] = dg.MetadataValue.path(str(path))
+            metadata |= png_metadata(name, save(draw(rows, key), root / "figures" / f"model={key}" / f"{name}.png"))
     return dg.MaterializeResult(metadata=metadata)
+
+
+def png_metadata(name: str, path: Path) -> dict:
+    """A PNG as asset metadata: the picture itself (shown in the Dagster UI) and its path."""
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return {name: dg.MetadataValue.md(f"![{name}](data:image/png;base64,{encoded})"),
+            f"{name}_path": dg.MetadataValue.path(str(path))}

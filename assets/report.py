@@ -4,7 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from assets.figures import figures
+from assets.figures import figures, png_metadata
 from assets.probes import latent_guard
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -39,7 +39,8 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
         "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(path.as_uri()),
         "overview": dg.MetadataValue.url(overview.as_uri()), "n_studies": len(every),
         # What the schedule compares to decide whether the study is stale.
-        "study_sha256": study.study(key).fingerprint(), "code_version": code_version()})
+        "study_sha256": study.study(key).fingerprint(), "code_version": code_version(),
+        **(png_metadata("cross_study", figure) if figure else {})})
 
 
 def _write(path: Path, page: str) -> Path:

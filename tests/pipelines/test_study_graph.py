@@ -141,6 +141,8 @@ def test_overview_page_compares_every_study_in_the_warehouse(tiny_registry, ware
     with dg.instance_for_test() as instance:
         for key in ("tiny-qwen2", "tiny-gemma2"):
             assert _materialize(tiny_registry, warehouse, key, instance).success
+        event = instance.get_latest_materialization_event(dg.AssetKey("report")).asset_materialization
+        assert event.metadata["cross_study"].value.startswith("![cross_study](data:image/png;base64,")
     page = (warehouse / "report" / "index.html").read_text()
     assert "href='model=tiny-qwen2/index.html'" in page and "href='model=tiny-gemma2/index.html'" in page
     assert page.count("data:image/png;base64,") == 1 and "id='table-cross_study'" in page

@@ -1,8 +1,6 @@
 """Figures of a study, drawn only from the warehouse's named queries."""
 
 import base64
-from pathlib import Path
-
 import dagster as dg
 
 from assets.directions import category_directions, refusal_directions
@@ -15,6 +13,7 @@ from assets.probes import refusal_probes
 from assets.sequence import refusal_along_sequence
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
+from refusal_core.storage import Location
 from warehouse.figures import FIGURES, save
 from warehouse.query import connect, named_query
 
@@ -25,7 +24,7 @@ from warehouse.query import connect, named_query
 def figures(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
     """PNG figures (refusal by intervention, direction selection, direction cosines, feature clamping, attribution by layer, refusal along the sequence, upstream -> refusal features, probe comparison, jailbreak drop) made from named queries."""
     key = context.partition_key
-    root = Path(study.warehouse_root)
+    root = study.warehouse
     metadata = {}
     with connect(root) as warehouse:
         for name, (query, draw) in FIGURES.items():
@@ -37,7 +36,7 @@ def figures(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Mater
     return dg.MaterializeResult(metadata=metadata)
 
 
-def png_metadata(name: str, path: Path) -> dict:
+def png_metadata(name: str, path: Location) -> dict:
     """A PNG as asset metadata: the picture itself (shown in the Dagster UI) and its path."""
     encoded = base64.b64encode(path.read_bytes()).decode()
     return {name: dg.MetadataValue.md(f"![{name}](data:image/png;base64,{encoded})"),

@@ -1,7 +1,5 @@
 """The study's static HTML report, written next to its Parquet files."""
 
-from pathlib import Path
-
 import dagster as dg
 
 from assets.figures import figures, png_metadata
@@ -9,6 +7,7 @@ from assets.probes import latent_guard
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.lineage import code_version
+from refusal_core.storage import Location, uri, write_atomically
 from warehouse.lineage import lineage_tree
 from warehouse.query import connect, named_query
 from warehouse.figures import cross_study, save
@@ -23,7 +22,7 @@ LINEAGE_SHOWN = ("intervention_effects", "feature_effects", "jailbreak_summary",
 def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
     """A static HTML page with the study's figures, main tables and the lineage of its results, and the overview page of every study."""
     key = context.partition_key
-    root = Path(study.warehouse_root)
+    root = study.warehouse
     pngs = {p.stem: p for p in sorted((root / "figures" / f"model={key}").glob("*.png"))}
     with connect(root) as warehouse:
         tables = {name: warehouse.rows(named_query(name), key) for name in REPORT_TABLES}
@@ -36,17 +35,13 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     figure = save(cross_study(every), root / "figures" / "cross_study.png") if every else None
     overview = _write(root / "report" / "index.html", render_index(every, figure))
     return dg.MaterializeResult(metadata={
-        "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(path.as_uri()),
-        "overview": dg.MetadataValue.url(overview.as_uri()), "n_studies": len(every),
+        "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(uri(path)),
+        "overview": dg.MetadataValue.url(uri(overview)), "n_studies": len(every),
         # What the schedule compares to decide whether the study is stale.
         "study_sha256": study.study(key).fingerprint(), "code_version": code_version(),
         **(png_metadata("cross_study", figure) if figure else {})})
 
 
-def _write(path: Path, page: str) -> Path:
-    """Write `page` to `path` through a temporary file, so a reader never sees half a page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(path)
-    return path
+def _write(path: Location, page: str) -> Location:
+    """Write `page` to `path` in one step, so a reader never sees half a page."""
+    return write_atomically(path, lambda temporary: temporary.write_text(page, encoding="utf-8"))

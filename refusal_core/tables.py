@@ -14,6 +14,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
+from refusal_core.storage import Location, arrow_source, write_atomically
+
 
 def _field(name: str, type_: pa.DataType, description: str, nullable: bool = False) -> pa.Field:
     return pa.field(name, type_, nullable=nullable, metadata={"description": description})
@@ -390,42 +392,38 @@ def table_sha256(table: pa.Table) -> str:
 
 
 def write_parquet(
-    path: Path,
+    path: Location,
     schema: pa.Schema,
     batches: Iterable[pa.RecordBatch],
     metadata: Mapping[str, str],
 ) -> None:
-    """Write batches to `path` atomically: a temporary file in the same folder, then a rename.
+    """Write batches to `path` (a local path or an object-store URL) atomically.
 
     `metadata` is stored as the file's key-value metadata. An interrupted write leaves the old
     file (or nothing) in place, never a truncated one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     schema = schema.with_metadata({**(schema.metadata or {}), **{k: str(v) for k, v in metadata.items()}})
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
-    try:
+
+    def write(temporary: Path) -> None:
         with pq.ParquetWriter(str(temporary), schema, compression="zstd") as writer:
             for batch in batches:
                 writer.write_batch(batch.replace_schema_metadata(schema.metadata))
-        os.chmod(temporary, 0o644)  # mkstemp creates files readable by their owner only.
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    write_atomically(path, write)
 
 
-def read_parquet(path: Path) -> pa.Table:
-    """Read a table written by `write_parquet`, memory-mapped, with its key-value metadata."""
+def read_parquet(path: Location) -> pa.Table:
+    """Read a table written by `write_parquet` (memory-mapped when local), with its key-value metadata."""
     if not path.exists():
         raise FileNotFoundError(f"No table at {path}: materialize its asset first.")
-    return pq.read_table(str(path), memory_map=True)
+    source, filesystem = arrow_source(path)
+    return pq.read_table(source, filesystem=filesystem, memory_map=filesystem is None)
 
 
-def file_metadata(path: Path) -> dict[str, str]:
+def file_metadata(path: Location) -> dict[str, str]:
     """The key-value metadata of a Parquet file, decoded, without reading its rows."""
-    raw = pq.read_schema(str(path)).metadata or {}
+    source, filesystem = arrow_source(path)
+    raw = pq.read_schema(source, filesystem=filesystem).metadata or {}
     return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
 
 

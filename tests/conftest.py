@@ -5,7 +5,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import logging
 import random
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +92,30 @@ def tiny_registry(tmp_path: Path, tiny_models: dict[str, Path]) -> Path:
     entries = {"tiny-qwen2": local_entry("tiny-qwen2", tiny_models["qwen2"]),
                "tiny-gemma2": local_entry("tiny-gemma2", tiny_models["gemma2"])}
     return write_registry(tmp_path / "studies.toml", entries, "tiny-qwen2")
+
+
+@pytest.fixture
+def object_store(monkeypatch: pytest.MonkeyPatch):
+    """An S3 endpoint on 127.0.0.1 (moto's server) with an empty bucket `refusal-sae`; yields a boto3 client."""
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    # moto keeps its buckets per process, across servers: start each test from an empty store.
+    urllib.request.urlopen(urllib.request.Request(f"http://{host}:{port}/moto-api/reset", method="POST")).close()
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                        "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+        monkeypatch.setenv(name, value)
+    # fsspec keeps one filesystem per set of arguments; the endpoint comes from the environment instead.
+    s3fs.S3FileSystem.clear_instance_cache()
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="refusal-sae")
+    try:
+        yield client
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

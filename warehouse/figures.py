@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from refusal_core.storage import Location, write_atomically  # noqa: E402
 
 DPI = 200
 
@@ -283,12 +284,10 @@ FIGURES: dict[str, tuple[str, Callable]] = {
 """Figure name to (named query it is drawn from, drawing function)."""
 
 
-def save(figure, path: Path) -> Path:
-    """Write a figure as PNG atomically and close it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.png")
+def save(figure, path: Location) -> Location:
+    """Write a figure as PNG atomically (locally or on an object store) and close it."""
     figure.tight_layout()
-    figure.savefig(temporary, dpi=DPI)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
+    try:
+        return write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=DPI, format="png"))
+    finally:
+        plt.close(figure)

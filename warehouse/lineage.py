@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-import pyarrow.parquet as pq
+from refusal_core.storage import Location
+from refusal_core.tables import read_parquet
 
 
-def lineage_record(root: Path, artifact: str, study: str) -> dict:
+def lineage_record(root: Location, artifact: str, study: str) -> dict:
     """The lineage row of one artifact of one study."""
     path = root / "lineage" / f"model={study}" / f"{artifact}.parquet"
     if not path.exists():
         known = sorted(p.stem for p in (root / "lineage" / f"model={study}").glob("*.parquet"))
         raise ValueError(f"No lineage for {artifact!r} of study {study!r}; known artifacts: {', '.join(known) or 'none'}.")
-    return pq.read_table(path).to_pylist()[0]
+    return read_parquet(path).to_pylist()[0]
 
 
-def resolve(root: Path, target: str, study: str | None) -> tuple[str, str]:
+def resolve(root: Location, target: str, study: str | None) -> tuple[str, str]:
     """(artifact, study) from an asset name (with --study) or a Parquet path under the warehouse."""
-    path = Path(target)
+    path = PurePosixPath(target.split("://", 1)[1]) if "://" in target else Path(target).resolve()
     if path.suffix == ".parquet":
-        parts = path.resolve().parts
+        parts = path.parts
         partition = next((p for p in parts if p.startswith("model=")), None)
         if partition is None:
             raise ValueError(f"{target} is not under <asset>/model=<study>/ in the warehouse.")
@@ -34,7 +35,7 @@ def resolve(root: Path, target: str, study: str | None) -> tuple[str, str]:
     return target, study
 
 
-def lineage_tree(root: Path, artifact: str, study: str) -> list[str]:
+def lineage_tree(root: Location, artifact: str, study: str) -> list[str]:
     """Lines of text: the artifact, its upstream artifacts (recursively) and the model and code they came from."""
     lines: list[str] = []
     models: dict[str, str] = {}

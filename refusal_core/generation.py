@@ -65,17 +65,30 @@ def generate_scored(
     prefix = prefix_cache(model, tokenizer, prompts) if fits else None
     completions: list[str] = [""] * len(prompts)
     first: list[Tensor | None] = [None] * len(prompts)
+    # Only the prefill's logits are kept: the raw model outputs at the first answer step, before any logits
+    # processor (output_logits=True would keep every step's, ~0.6 GB a batch of 32 for a 152k vocabulary).
+    logits: list[Tensor] = []
+
+    def keep_first(_module, _args, output) -> None:
+        if not logits:
+            logits.append(output.logits[:, -1].float())
+
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         inputs, extra = _generation_inputs([ids[i] for i in indices], prefix, tokenizer.pad_token_id or 0, device)
-        with torch.inference_mode():
-            output = model.generate(
-                **inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
-                pad_token_id=tokenizer.pad_token_id, output_logits=True, return_dict_in_generate=True,
-            )
-        new_tokens = output.sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new]
-        log_probs = torch.log_softmax(output.logits[0].float(), dim=-1).cpu()  # [batch, vocab], raw first-step logits
+        logits.clear()
+        hook = model.register_forward_hook(keep_first)
+        try:
+            with torch.inference_mode():
+                sequences = model.generate(
+                    **inputs, **extra, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+        finally:
+            hook.remove()
+        new_tokens = sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new]
+        log_probs = torch.log_softmax(logits[0], dim=-1).cpu()  # [batch, vocab], first answer step
         for k, (index, row) in enumerate(zip(indices, new_tokens.tolist())):
             cut = next((i for i, token in enumerate(row) if token in stops), len(row))
             completions[index] = tokenizer.decode(row[:cut], skip_special_tokens=True)

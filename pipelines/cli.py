@@ -103,23 +103,15 @@ def _release_abandoned_runs(instance) -> None:
     """
     from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 
+    from refusal_core.storage import process_alive
+
     live = RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING], tags={HOST_TAG: socket.gethostname()})
     for run in instance.get_runs(filters=live):
         pid = int(run.tags.get(PID_TAG, "0"))
-        if pid and not _alive(pid):
+        if pid and not process_alive(pid):
             instance.report_run_failed(run, f"Its process ({pid}) ended without finishing the run.")
             instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
             print(f"refusal-sae: released run {run.run_id}, whose process {pid} is gone.", file=sys.stderr)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ once complete. A reader sees the old file or the new one, never half of one.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +46,7 @@ def write_atomically(path: Location, write: Callable[[Path], None]) -> Location:
             path.fs.put_file(str(temporary), path.path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
+    temporary = owned_temporary(path.parent, f".{path.name}", ".tmp")
     try:
         write(temporary)
         os.chmod(temporary, 0o644)  # mkstemp creates files readable by their owner only.
@@ -56,6 +55,30 @@ def write_atomically(path: Location, write: Callable[[Path], None]) -> Location:
         temporary.unlink(missing_ok=True)
         raise
     return path
+
+
+def owned_temporary(directory: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file `<prefix>~<host>~<pid>~<random><suffix>` in `directory`, after deleting the ones
+    of that name that a killed process of this machine left behind."""
+    host = socket.gethostname()
+    for leftover in directory.glob(f"{prefix}~*{suffix}"):
+        parts = leftover.name.removeprefix(prefix).split("~")
+        if len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not process_alive(int(parts[2])):
+            leftover.unlink(missing_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f"{prefix}~{host}~{os.getpid()}~", suffix=suffix, dir=directory)
+    os.close(handle)
+    return Path(name)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def check_writable(root: Location) -> None:

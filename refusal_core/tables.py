@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +12,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from refusal_core.storage import Location, arrow_source, write_atomically
+from refusal_core.storage import Location, arrow_source, owned_temporary, write_atomically
 
 
 def _field(name: str, type_: pa.DataType, description: str, nullable: bool = False) -> pa.Field:
@@ -364,9 +362,7 @@ def spool(
     not in `schema` is an error rather than being dropped silently.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(suffix=".arrows", dir=directory)
-    os.close(handle)
-    path = Path(name)
+    path = owned_temporary(directory, "spool", ".arrows")
     digest = hashlib.sha256()
     rows = 0
     try:

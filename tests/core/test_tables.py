@@ -53,3 +53,45 @@ def test_same_rows_give_byte_identical_files(tmp_path):
 
 def test_schemas_describe_every_field():
     assert all((field.metadata or {}).get(b"description") for field in PROMPTS)
+
+
+KILLED_WRITER = """
+import sys, threading, time
+from pathlib import Path
+import pyarrow as pa
+from refusal_core.tables import spool, write_parquet
+schema = pa.schema([pa.field("a", pa.int64(), nullable=False), pa.field("b", pa.string())])
+def blocked():
+    yield pa.record_batch({"a": [1], "b": ["x"]}, schema=schema)
+    time.sleep(600)
+root = Path(sys.argv[1])
+threading.Thread(target=spool, args=(blocked(), schema, root / "staging"), daemon=True).start()
+threading.Thread(target=write_parquet, args=(root / "t" / "data.parquet", schema, blocked(), {}), daemon=True).start()
+time.sleep(600)
+"""
+
+
+def test_files_of_a_killed_writer_are_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from refusal_core.storage import owned_temporary
+
+    child = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(tmp_path)])
+    try:
+        for _ in range(600):
+            left = sorted((tmp_path / "staging").glob("*.arrows")) + sorted((tmp_path / "t").glob(".data.parquet~*"))
+            if len(left) == 2:
+                break
+            time.sleep(0.1)
+    finally:
+        child.kill()
+        child.wait()
+    assert len(left) == 2 and all(f"~{child.pid}~" in p.name for p in left)
+    mine = owned_temporary(tmp_path / "staging", "spool", ".arrows")  # a live writer's file is left alone
+
+    staged = spool([_table()], SCHEMA, tmp_path / "staging")
+    assert sorted((tmp_path / "staging").iterdir()) == sorted([mine, staged.path])
+    write_parquet(tmp_path / "t" / "data.parquet", SCHEMA, _table().to_batches(), {})
+    assert [p.name for p in (tmp_path / "t").iterdir()] == ["data.parquet"]

@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.definitions import build_definitions, study_job
     from pipelines.partitions import studies
     from refusal_core.registry import load_registry
-    from refusal_core.storage import check_writable
+    from refusal_core.storage import check_writable, shown
 
     registry = load_registry(paths.registry_path())
     key = args.study or registry.default
@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
             if event.is_step_failure:
                 print(f"refusal-sae: step {event.step_key} failed: {failure_message(event)}", file=sys.stderr)
         return 1
-    root = paths.warehouse_root()
+    root = shown(paths.warehouse_root())
     print(f"\nStudy {key!r} done in {time.perf_counter() - started:.0f} s.")
     print(f"  Report:         {root}/report/model={key}/index.html  (every study: {root}/report/index.html)")
     print(f"  Figures:        {root}/figures/model={key}/")
@@ -159,7 +159,6 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _studies(args: argparse.Namespace) -> int:
     from refusal_core.registry import load_registry
-    from refusal_core.storage import check_writable
 
     registry = load_registry(paths.registry_path())
     for key, study in registry.studies.items():

@@ -7,7 +7,7 @@ import dagster as dg
 import pyarrow as pa
 
 from refusal_core.lineage import LineageRecord
-from refusal_core.storage import Location, arrow_source, location
+from refusal_core.storage import Location, location
 from refusal_core.tables import LINEAGE, Spool, read_parquet, write_parquet
 
 PREVIEW_ROWS = 5
@@ -37,6 +37,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             artifact=asset, partition=study, path=str(path), content_sha256=obj.sha256,
             row_count=obj.row_count, run_id=context.run_id, **obj.lineage,
         )
+        preview = _preview(obj)
         try:
             write_parquet(path, obj.schema, obj.batches(), record.file_metadata())
         finally:
@@ -52,7 +53,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 "code_version": record.code_version,
                 "upstream": dg.MetadataValue.json(json.loads(record.upstream)),
                 "dagster/column_schema": column_schema(obj.schema),
-                "preview": dg.MetadataValue.md(_preview(path)),
+                "preview": dg.MetadataValue.md(preview),
             }
         )
 
@@ -76,14 +77,12 @@ def column_schema(schema: pa.Schema) -> dg.TableSchema:
     )
 
 
-def _preview(path: Location) -> str:
-    """The first rows as a Markdown table, long values cut short."""
-    import pyarrow.parquet as pq
-
-    source, filesystem = arrow_source(path)
-    head = next(pq.ParquetFile(source, filesystem=filesystem).iter_batches(batch_size=PREVIEW_ROWS), None)
+def _preview(staged: Spool) -> str:
+    """The first rows as a Markdown table, long values cut short (read from the spool, not the published file)."""
+    head = next((batch for batch in staged.batches() if batch.num_rows), None)
     if head is None:
         return "(empty)"
+    head = head.slice(0, PREVIEW_ROWS)
     columns = head.schema.names
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in head.to_pylist():

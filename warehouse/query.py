@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from refusal_core.storage import Location, is_remote
+from refusal_core.storage import Location, is_remote, shown
 
 from refusal_core.tables import (
     ACTIVATIONS,
@@ -79,7 +79,7 @@ def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
             if "{root}" not in body:
                 continue
             if any((root / name).glob("model=*/*.parquet")):
-                connection.execute(f"CREATE VIEW {name} AS " + body.replace("{root}", str(root) if is_remote(root) else root.as_posix()))
+                connection.execute(f"CREATE VIEW {name} AS " + body.replace("{root}", shown(root)))
             else:
                 # The hive partition column `model` comes with the files; an empty view gets it too.
                 connection.register(name, SCHEMAS[name].append(pa.field("model", pa.string())).empty_table())

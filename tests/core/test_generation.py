@@ -37,3 +37,13 @@ def test_first_answer_log_probs_from_generation_equal_a_separate_scoring_pass(ti
         assert first.shape == scored.shape
         assert torch.allclose(first, scored, atol=1e-4)
         assert len(completions) == len(prompts)
+
+
+def test_a_prompt_run_in_pieces_is_refused_rather_than_scored_wrong(tiny_models):
+    from refusal_core.generation import generate_scored
+
+    model, tokenizer = load_tiny(tiny_models["qwen2"])
+    prompts = [format_prompt(tokenizer, text, "tokenizer") for text in PROMPTS]
+    model.generation_config.prefill_chunk_size = 2  # generate() would prefill two tokens at a time
+    with pytest.raises(ValueError, match="unset prefill_chunk_size"):
+        generate_scored(model, tokenizer, prompts, max_new_tokens=2, batch_size=3, progress=False)

@@ -1,19 +1,21 @@
 """The warehouse on an object store: the whole study, the queries, lineage and report over s3:// (a local S3 server)."""
 
+import os
+
 import dagster as dg
 import pytest
 
 from pipelines.cli import main
-from refusal_core.storage import location, write_atomically
+from refusal_core.storage import location, scratch_dir, write_atomically
 from refusal_core.tables import file_metadata, read_parquet
 from tests.pipelines.test_study_graph import _materialize
 from warehouse.query import connect, named_query
 
 KEY = "tiny-qwen2"
-URL = "s3://refusal-sae/warehouse"
+URL = "s3://refusal-sae"  # the whole bucket; the other tests use a prefix in it
 
 
-def _keys(client, prefix: str = "warehouse/") -> list[str]:
+def _keys(client, prefix: str = "") -> list[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket="refusal-sae", Prefix=prefix)
     return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
 
@@ -36,16 +38,15 @@ def test_whole_study_runs_into_s3_and_reads_back_like_a_local_warehouse(
     keys = _keys(object_store)
     # Every table, lineage row, figure and report page the local run wrote is in the bucket, and nothing else:
     # no staging spool, no temporary file.
-    written = sorted("warehouse/" + p.relative_to(local).as_posix() for p in local.rglob("*")
-                     if p.is_file() and ".staging" not in p.parts)
+    written = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file() and ".staging" not in p.parts)
     assert keys == written
-    assert not list((tmp_path / "cache" / "staging").iterdir())  # spools are local and published, then deleted
+    assert not list(scratch_dir().glob(f"*~{os.getpid()}~*"))  # spools and uploads are local, published, then deleted
     tables = [k for k in keys if k.endswith("/data.parquet")]
     assert len(tables) == 21 and any(k.endswith(".png") for k in keys)
     # The same inputs give the same tables: identical content hashes and rows in both warehouses.
     root = location(URL)
     for key in tables:
-        remote, here = root / key.removeprefix("warehouse/"), local / key.removeprefix("warehouse/")
+        remote, here = root / key, local / key
         assert file_metadata(remote)["refusal_sae.content_sha256"] == file_metadata(here)["refusal_sae.content_sha256"]
     assert read_parquet(root / "feature_effects" / f"model={KEY}" / "data.parquet").replace_schema_metadata(None).equals(
         read_parquet(local / "feature_effects" / f"model={KEY}" / "data.parquet").replace_schema_metadata(None))
@@ -65,11 +66,11 @@ def test_whole_study_runs_into_s3_and_reads_back_like_a_local_warehouse(
     assert capsys.readouterr().out == chain
     page = (root / "report" / f"model={KEY}" / "index.html").read_text()
     assert f"Refusal study: {KEY}" in page and page.count("data:image/png;base64,") == sum(
-        k.startswith(f"warehouse/figures/model={KEY}/") for k in keys)
+        k.startswith(f"figures/model={KEY}/") for k in keys)
 
 
 def test_an_interrupted_upload_leaves_the_old_object(object_store):
-    path = location(URL) / "t" / "data.bin"
+    path = location(URL) / "warehouse" / "t" / "data.bin"
     write_atomically(path, lambda temporary: temporary.write_bytes(b"old"))
 
     def fail_halfway(temporary):
@@ -79,6 +80,7 @@ def test_an_interrupted_upload_leaves_the_old_object(object_store):
     with pytest.raises(KeyboardInterrupt):
         write_atomically(path, fail_halfway)
     assert path.read_bytes() == b"old" and _keys(object_store) == ["warehouse/t/data.bin"]
+    assert not list(scratch_dir().glob(f"*~{os.getpid()}~*"))
 
 
 def test_run_into_a_missing_bucket_says_so_and_starts_nothing(object_store, tiny_registry, tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ import dagster as dg
 import pyarrow as pa
 
 from refusal_core.lineage import LineageRecord
-from refusal_core.storage import Location, location
+from refusal_core.storage import Location, location, shown
 from refusal_core.tables import LINEAGE, Spool, read_parquet, write_parquet
 
 PREVIEW_ROWS = 5
@@ -40,6 +40,10 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         preview = _preview(obj)
         try:
             write_parquet(path, obj.schema, obj.batches(), record.file_metadata())
+        except OSError as error:  # a missing bucket, refused credentials, a full disk
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise OSError(f"Cannot write {asset} to the warehouse {shown(location(self.root))} ({reason}); create it "
+                          "or point REFUSAL_SAE_WAREHOUSE at a folder or bucket you can write to.") from None
         finally:
             obj.path.unlink(missing_ok=True)
         lineage_path = location(self.root) / "lineage" / f"model={study}" / f"{asset}.parquet"

@@ -5,7 +5,9 @@ import os
 import dagster as dg
 import pytest
 
-from pipelines.cli import main
+from pipelines.cli import failure_message, main
+from pipelines.definitions import build_definitions, study_job
+from pipelines.partitions import studies
 from refusal_core.storage import location, scratch_dir, write_atomically
 from refusal_core.tables import file_metadata, read_parquet
 from tests.pipelines.test_study_graph import _materialize
@@ -93,3 +95,15 @@ def test_run_into_a_missing_bucket_says_so_and_starts_nothing(object_store, tiny
     assert error.startswith("refusal-sae: Cannot write to the warehouse s3://no-such-bucket/warehouse (")
     assert "REFUSAL_SAE_WAREHOUSE" in error and len(error.strip().splitlines()) == 1
     assert not list((tmp_path / "home").iterdir())
+
+
+def test_a_run_launched_without_the_cli_names_the_bucket_it_cannot_write(object_store, tiny_registry, tmp_path):
+    defs = build_definitions(str(tiny_registry), "s3://no-such-bucket/warehouse", str(tmp_path / "cache"), "cpu")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(studies.name, [KEY])
+        result = defs.resolve_job_def(study_job.name).execute_in_process(
+            partition_key=KEY, instance=instance, raise_on_error=False, asset_selection=[dg.AssetKey("prompts")])
+    failure = next(event for event in result.all_events if event.is_step_failure)
+    assert failure_message(failure).startswith("OSError: Cannot write prompts to the warehouse s3://no-such-bucket/warehouse (")
+    assert not list(scratch_dir().glob(f"*~{os.getpid()}~*"))  # the spool is gone too
+

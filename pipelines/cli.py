@@ -178,9 +178,11 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _lineage(args: argparse.Namespace) -> int:
+    from refusal_core.storage import check_readable
     from warehouse.lineage import lineage_tree, resolve
 
     root = paths.warehouse_root()
+    check_readable(root)
     artifact, study = resolve(root, args.target, args.study)
     print(f"study {study}")
     print("\n".join(lineage_tree(root, artifact, study)))

@@ -120,6 +120,24 @@ def check_writable(root: Location) -> None:
         pass
 
 
+def check_readable(root: Location) -> None:
+    """Raise a one-line error if an object-store warehouse cannot be listed (a missing bucket, no credentials)."""
+    if not is_remote(root):
+        return  # a missing local folder is an empty warehouse
+    try:
+        root.fs.ls(root.path)
+        return
+    except FileNotFoundError as error:
+        bucket = root.path.split("/")[0]
+        if root.fs.exists(bucket):
+            return  # nothing written under this prefix yet: an empty warehouse
+        reason = " ".join(str(error).split()) or f"no bucket {bucket}"
+    except Exception as error:  # noqa: BLE001 - every store reports these differently.
+        reason = " ".join(str(error).split()) or type(error).__name__
+    raise ValueError(f"Cannot read the warehouse {shown(root)} ({reason}); check the bucket name in "
+                     "REFUSAL_SAE_WAREHOUSE and the store's credentials.")
+
+
 def arrow_source(path: Location) -> tuple[str, object | None]:
     """What pyarrow reads `path` from: (file name, None) locally, (path in the store, fsspec filesystem) remotely."""
     return (path.path, path.fs) if is_remote(path) else (str(path), None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from refusal_core.storage import Location, is_remote, shown
+from refusal_core.storage import Location, check_readable, is_remote, shown
 
 from refusal_core.tables import (
     ACTIVATIONS,
@@ -67,6 +67,7 @@ _VIEW = re.compile(r"CREATE VIEW (\w+) AS\s+(.*?);", re.S)
 @contextmanager
 def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
     """A DuckDB connection over the Parquet files under `root` (a folder or an object-store URL), accepting only queries."""
+    check_readable(root)
     connection = duckdb.connect()
     if is_remote(root):
         # DuckDB reads the store through the same fsspec filesystem the pipeline writes with.

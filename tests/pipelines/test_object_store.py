@@ -95,6 +95,12 @@ def test_run_into_a_missing_bucket_says_so_and_starts_nothing(object_store, tiny
     assert error.startswith("refusal-sae: Cannot write to the warehouse s3://no-such-bucket/warehouse (")
     assert "REFUSAL_SAE_WAREHOUSE" in error and len(error.strip().splitlines()) == 1
     assert not list((tmp_path / "home").iterdir())
+    for command in (["query", "main_table"], ["lineage", "prompts"]):
+        assert main(command) == 2
+        assert capsys.readouterr().err.startswith(
+            "refusal-sae: Cannot read the warehouse s3://no-such-bucket/warehouse (The specified bucket does not exist)")
+    with connect(location("s3://refusal-sae/nothing-yet")) as empty:  # an existing bucket, an unused prefix
+        assert empty.sql("SELECT count(*) FROM prompts").fetchall() == [(0,)]
 
 
 def test_a_run_launched_without_the_cli_names_the_bucket_it_cannot_write(object_store, tiny_registry, tmp_path):

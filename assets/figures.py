@@ -1,6 +1,7 @@
 """Figures of a study, drawn only from the warehouse's named queries."""
 
 import base64
+
 import dagster as dg
 
 from assets.directions import category_directions, refusal_directions

@@ -66,7 +66,8 @@ def generate_scored(
     completions: list[str] = [""] * len(prompts)
     first: list[Tensor | None] = [None] * len(prompts)
     # Only the prefill's logits are kept: the raw model outputs at the first answer step, before any logits
-    # processor (output_logits=True would keep every step's, ~0.6 GB a batch of 32 for a 152k vocabulary).
+    # processor. output_logits=True would keep every step's: 2 GiB more peak memory for a batch of 32 with a
+    # 152k vocabulary (python -m benchmarks.generation).
     logits: list[tuple[int, Tensor]] = []
 
     def keep_first(_module, _args, kwargs, output) -> None:

@@ -1,15 +1,28 @@
-"""Forward hooks on decoder blocks, as context managers that always remove themselves."""
+"""Named hook points on a model's forward pass, registered by one context manager that always removes them.
+
+Points are named `KIND.LAYER`:
+
+- `resid_pre.L`: the residual stream entering block L, [batch, seq, d_model];
+- `resid_post.L`: the residual stream leaving block L (the block's output), [batch, seq, d_model];
+- `attn_out.L`, `mlp_out.L`: what block L's attention and MLP add to the residual stream (after the
+  post-norms on Gemma), [batch, seq, d_model];
+- `head_out.L`: block L's per-head attention outputs before the output projection, [batch, seq, n_heads, d_head].
+
+A hook function takes the activation and the position ids of the pass (`resid_*` points only; None
+elsewhere) and returns a replacement of the same shape, or None to leave it as it is.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
-import torch
 from torch import Tensor, nn
 
-# Where each model family keeps its decoder blocks; discovery below is the fallback.
-LAYER_PATHS = ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers")
+from refusal_core.layouts import Layout, layout_of, module_at
+
+HookFn = Callable[[Tensor, Tensor | None], Tensor | None]
+POINT_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")
 
 
 class StopForward(Exception):
@@ -17,23 +30,8 @@ class StopForward(Exception):
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder blocks, found at a known path or as the ModuleList of num_hidden_layers blocks."""
-    for path in LAYER_PATHS:
-        module: nn.Module | None = model
-        for part in path.split("."):
-            module = getattr(module, part, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList):
-            return module
-    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
-            return module
-    raise ValueError(
-        f"Cannot find the decoder blocks of {type(model).__name__}: none of {', '.join(LAYER_PATHS)} is a "
-        "ModuleList and no ModuleList has num_hidden_layers entries; add its path to hooks.LAYER_PATHS."
-    )
+    """The model's decoder blocks, as its family's layout (or discovery) finds them."""
+    return module_at(model, layout_of(model).blocks)
 
 
 def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
@@ -44,48 +42,116 @@ def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
     return sorted(set(layers))
 
 
+def head_count(model: nn.Module) -> int:
+    """Number of attention (query) heads per block."""
+    return int(model.config.num_attention_heads)
+
+
+def check_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted unique (layer, head) pairs, or a ValueError naming the bad one and the valid range."""
+    heads = sorted(set((int(layer), int(head)) for layer, head in heads))
+    check_layers([layer for layer, _ in heads], len(decoder_layers(model)))
+    n_heads = head_count(model)
+    for layer, head in heads:
+        if not 0 <= head < n_heads:
+            raise ValueError(f"Head {head} of layer {layer} is out of range: this model has heads 0 to {n_heads - 1}.")
+    return heads
+
+
 def untuple(output: Tensor | tuple) -> Tensor:
-    """The hidden states of a block's output, whether the block returns a tensor or a tuple."""
+    """The hidden states of a module's output, whether it returns a tensor or a tuple."""
     return output[0] if isinstance(output, tuple) else output
 
 
+def hook_module(model: nn.Module, point: str, layout: Layout | None = None) -> tuple[nn.Module, bool]:
+    """(module, whether the hook reads the module's input) for a named point, or a ValueError saying what is valid."""
+    kind, _, layer_text = point.partition(".")
+    if kind not in POINT_KINDS or not layer_text.lstrip("-").isdigit():
+        raise ValueError(f"Unknown hook point {point!r}; use KIND.LAYER with KIND one of {', '.join(POINT_KINDS)}.")
+    layout = layout or layout_of(model)
+    blocks = module_at(model, layout.blocks)
+    (layer,) = check_layers([int(layer_text)], len(blocks))
+    block = blocks[layer]
+    if kind in ("resid_pre", "resid_post"):
+        return block, kind == "resid_pre"
+    path = {"attn_out": layout.attn_out, "mlp_out": layout.mlp_out, "head_out": layout.heads_in}[kind]
+    return module_at(block, path), kind == "head_out"
+
+
 @contextmanager
-def hooked(module: nn.Module, hook: Callable, kind: str = "forward") -> Iterator[None]:
-    """Register `hook` on `module` for the duration of the block (kind: forward or forward_pre)."""
-    handle = None
+def hooks(model: nn.Module, points: Iterable[tuple[str, HookFn]]) -> Iterator[None]:
+    """Run `(point, fn)` hooks on every forward pass inside the block, in the order given.
+
+    Every point is resolved before any hook is registered, so a bad point registers nothing; the
+    hooks are removed on exit, also after an error.
+    """
+    layout = layout_of(model)
+    resolved = [(point, *hook_module(model, point, layout), fn) for point, fn in points]
+    n_heads = head_count(model)
+    handles = []
     try:
-        register = module.register_forward_hook if kind == "forward" else module.register_forward_pre_hook
-        handle = register(hook)
+        for point, module, reads_input, fn in resolved:
+            heads = n_heads if point.startswith("head_out.") else None
+            handles.append(_register(module, reads_input, fn, heads))
         yield
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
 
 
+def _register(module: nn.Module, reads_input: bool, fn: HookFn, n_heads: int | None):
+    def split(hidden: Tensor) -> Tensor:
+        return hidden if n_heads is None else hidden.unflatten(-1, (n_heads, -1))
+
+    def merge(new: Tensor) -> Tensor:
+        return new if n_heads is None else new.flatten(-2)
+
+    if reads_input:
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            new = fn(split(hidden), kwargs.get("position_ids"))
+            if new is None:
+                return None
+            if args:
+                return (merge(new), *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": merge(new)}
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def forward_hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple):
+        new = fn(untuple(output), kwargs.get("position_ids"))
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return module.register_forward_hook(forward_hook, with_kwargs=True)
+
+
 @contextmanager
-def record_residual(
-    model: nn.Module, layers: Sequence[int], stop_after_last: bool = False
-) -> Iterator[dict[int, Tensor]]:
-    """Record the output of each block in `layers` (the residual stream after the block).
+def record(model: nn.Module, points: Sequence[str], stop_after_last: bool = False,
+           keys: Sequence | None = None) -> Iterator[dict]:
+    """Record the activation at each named point; yields a dict that fills with `key -> Tensor` as the model runs.
 
-    Yields a dict that fills with `layer -> Tensor[batch, seq, d_model]` as the model runs. With
-    `stop_after_last`, the forward pass raises `StopForward` once the last recorded block has run,
-    so later blocks and the LM head are skipped; the caller catches it.
+    The keys are the point names unless `keys` (one per point) are given. With `stop_after_last`, the
+    forward pass raises `StopForward` once the last point has been recorded, so later blocks and the
+    LM head are skipped; the caller catches it.
     """
-    blocks = decoder_layers(model)
-    layers = check_layers(layers, len(blocks))
-    recorded: dict[int, Tensor] = {}
-    last = layers[-1] if layers else None
+    keys = list(points) if keys is None else list(keys)
+    recorded: dict = {}
 
-    def make_hook(index: int) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Tensor | tuple) -> None:
-            recorded[index] = untuple(output).detach()
-            if stop_after_last and index == last:
+    def make(index: int) -> HookFn:
+        def keep(activation: Tensor, positions: Tensor | None) -> None:
+            recorded[keys[index]] = activation.detach()
+            if stop_after_last and index == len(points) - 1:
                 raise StopForward
 
-        return hook
+        return keep
 
-    with ExitStack() as stack:
-        for index in layers:
-            stack.enter_context(hooked(blocks[index], make_hook(index)))
+    with hooks(model, [(point, make(index)) for index, point in enumerate(points)]):
         yield recorded
+
+
+def record_residual(model: nn.Module, layers: Sequence[int], stop_after_last: bool = False):
+    """`record` of the residual stream after each block in `layers` (sorted), keyed by layer: [batch, seq, d_model]."""
+    layers = check_layers(layers, len(decoder_layers(model)))
+    return record(model, [f"resid_post.{layer}" for layer in layers], stop_after_last, keys=layers)

@@ -1,31 +1,60 @@
-"""Interventions on the residual stream as small serialisable values, applied by one context manager."""
+"""Interventions on a forward pass as small serialisable values, applied by one context manager.
+
+Every kind has a `kind`, a readable `name` (e.g. `clamp cossim_ap ×-1`), its `parameters()` as JSON
+and builds its own hooks on the named hook points (`hooks.py`) with `hooks(model)`; building them
+checks the intervention against the model (widths, layers, heads), so a mismatch registers nothing.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from refusal_core.hooks import check_layers, decoder_layers, hooked, untuple
-from refusal_core.saes import splice
+from refusal_core.hooks import HookFn, check_heads, check_layers, decoder_layers, head_count, hooks
+
+
+class Intervention(Protocol):
+    """What every intervention kind provides."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    def parameters(self) -> dict: ...
+
+    def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]: ...
 
 
 @dataclass(frozen=True)
 class Ablate:
-    """Directional ablation: project `direction` out of every block's input and every attention and MLP output."""
+    """Directional ablation: project `direction` out of every block's input and every attention and MLP write."""
 
     direction: Tensor
     """Shape [d_model]; normalised when applied."""
-    kind: str = "ablate"
+    kind = "ablate"
+    name = "ablate direction"
 
     def parameters(self) -> dict:
         return {"direction_sha256": _tensor_sha(self.direction)}
+
+    def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
+        direction = _residual_vector(model, self.direction, self.kind)
+        unit = direction / direction.norm()
+
+        def ablate(hidden: Tensor, positions: Tensor | None) -> Tensor:
+            return project_out(hidden, unit)
+
+        return [(f"{point}.{layer}", ablate) for layer in range(len(decoder_layers(model)))
+                for point in ("resid_pre", "attn_out", "mlp_out")]
 
 
 @dataclass(frozen=True)
@@ -36,56 +65,172 @@ class Add:
     """Shape [d_model]; added as given (not normalised), as in Arditi et al."""
     layer: int
     coefficient: float = 1.0
-    kind: str = "add"
+    kind = "add"
+
+    @property
+    def name(self) -> str:
+        return f"add direction ×{self.coefficient:g} at layer {self.layer}"
 
     def parameters(self) -> dict:
         return {"direction_sha256": _tensor_sha(self.direction), "layer": self.layer, "coefficient": self.coefficient}
 
+    def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
+        vector = self.coefficient * _residual_vector(model, self.direction, self.kind)
+        check_layers([self.layer], len(decoder_layers(model)))
+        return [(f"resid_pre.{self.layer}", lambda hidden, positions: hidden + vector)]
+
 
 @dataclass(frozen=True, eq=False)
-class Clamp:
-    """Edit SAE latents at the output of block `layer`, keeping the SAE's reconstruction error.
+class SaeLatents:
+    """Chosen latents of the SAE that reads the residual stream after block `layer`."""
 
-    With `factor`, the chosen latents are multiplied by it (a negative factor -m clamps them against
-    their usual sign); with `values`, they are set to those constants (one per latent) to induce what
-    they encode. Every position from `skip_first` on is edited, prompt and generated tokens alike.
-    """
-
+    layer: int
     sae: Any
     """The sae-lens SAE of `layer`."""
     sae_sha256: str
-    layer: int
     latents: tuple[int, ...]
-    factor: float | None = None
     values: tuple[float, ...] | None = None
-    skip_first: int = 0
-    feature_set: str = ""
-    """Name of the feature set the latents come from, recorded with the parameters."""
-    kind: str = "clamp"
+    """The constants an induce sets the latents to, one per latent; None for a multiplying clamp."""
 
     def __post_init__(self) -> None:
-        if (self.factor is None) == (self.values is None):
-            raise ValueError("A clamp needs exactly one of factor (multiply the latents) or values (set them).")
+        if not self.latents:
+            raise ValueError(f"A clamp needs at least one latent; none were given for layer {self.layer}.")
+        if max(self.latents) >= self.sae.cfg.d_sae or min(self.latents) < 0:
+            raise ValueError(f"Latent indices must lie in 0..{self.sae.cfg.d_sae - 1} for the SAE of layer {self.layer}.")
         if self.values is not None and len(self.values) != len(self.latents):
             raise ValueError(f"{len(self.values)} values were given for {len(self.latents)} latents; give one per latent.")
-        if not self.latents:
-            raise ValueError("A clamp needs at least one latent.")
-        if max(self.latents) >= self.sae.cfg.d_sae or min(self.latents) < 0:
-            raise ValueError(f"Latent indices must lie in 0..{self.sae.cfg.d_sae - 1} for this SAE.")
+
+
+@dataclass(frozen=True, eq=False)
+class Clamp:
+    """Edit SAE latents at the output of their blocks, keeping each SAE's reconstruction error.
+
+    With `factor`, the chosen latents are multiplied by it (a negative factor -m clamps them against
+    their usual sign; kind `clamp`); without it, each is set to its constant in `SaeLatents.values`
+    to induce what they encode (kind `induce`). Every position from `skip_first` on is edited,
+    prompt and generated tokens alike.
+    """
+
+    targets: tuple[SaeLatents, ...]
+    factor: float | None = None
+    skip_first: int = 0
+    feature_set: str = ""
+    """Name of the feature set the latents come from."""
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise ValueError("A clamp needs the latents of at least one SAE layer.")
+        setting = [target.values is not None for target in self.targets]
+        if self.factor is not None and any(setting) or self.factor is None and not all(setting):
+            raise ValueError("A clamp needs exactly one of factor (multiply the latents) or values (set them).")
+
+    @property
+    def kind(self) -> str:
+        return "clamp" if self.factor is not None else "induce"
+
+    @property
+    def name(self) -> str:
+        latents = self.feature_set or f"{sum(len(t.latents) for t in self.targets)} latents"
+        return f"clamp {latents} ×{self.factor:g}" if self.factor is not None else f"induce {latents}"
 
     def parameters(self) -> dict:
-        return {"sae_sha256": self.sae_sha256[:16], "layer": self.layer, "latents": list(self.latents),
-                "factor": self.factor, "values": None if self.values is None else [round(v, 6) for v in self.values],
-                "skip_first": self.skip_first, "feature_set": self.feature_set}
+        return {"feature_set": self.feature_set, "factor": self.factor, "skip_first": self.skip_first,
+                "layers": [{"layer": t.layer, "sae_sha256": t.sae_sha256[:16], "latents": list(t.latents),
+                            "values": None if t.values is None else [round(v, 6) for v in t.values]}
+                           for t in self.targets]}
 
-    def edit(self, latents: Tensor) -> Tensor:
-        """The latents [..., d_sae] with the chosen ones multiplied or set."""
-        index = torch.tensor(self.latents, device=latents.device)
-        if self.factor is not None:
-            chosen = latents[..., index] * self.factor
-        else:
-            chosen = torch.tensor(self.values, device=latents.device, dtype=latents.dtype).expand_as(latents[..., index])
-        return latents.index_copy(-1, index, chosen)
+    def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
+        from refusal_core.saes import spliced
+
+        return [spliced(model, target.sae, target.layer, use_error_term=True, skip_first=self.skip_first,
+                        edit=self._editor(target)) for target in self.targets]
+
+    def _editor(self, target: SaeLatents):
+        def edit(latents: Tensor) -> Tensor:
+            index = torch.tensor(target.latents, device=latents.device)
+            if self.factor is not None:
+                chosen = latents[..., index] * self.factor
+            else:
+                chosen = torch.tensor(target.values, device=latents.device, dtype=latents.dtype)
+                chosen = chosen.expand_as(latents[..., index])
+            return latents.index_copy(-1, index, chosen)
+
+        return edit
+
+
+@dataclass(frozen=True)
+class HeadAblate:
+    """Scale (by default zero) the outputs of attention heads, before the output projection mixes them."""
+
+    heads: tuple[tuple[int, int], ...]
+    """(layer, head) pairs."""
+    scale: float = 0.0
+    kind = "head_ablate"
+
+    @property
+    def name(self) -> str:
+        verb = "ablate" if self.scale == 0 else f"scale ×{self.scale:g}"
+        return f"{verb} heads {_heads_text(self.heads)}"
+
+    def parameters(self) -> dict:
+        return {"heads": [list(h) for h in sorted(set(self.heads))], "scale": self.scale}
+
+    def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
+        def scaled(heads: list[int]) -> HookFn:
+            def hook(outputs: Tensor, positions: Tensor | None) -> Tensor:
+                outputs = outputs.clone()
+                outputs[..., heads, :] *= self.scale
+                return outputs
+
+            return hook
+
+        return [(f"head_out.{layer}", scaled(heads)) for layer, heads in _by_layer(check_heads(model, self.heads))]
+
+
+@dataclass(frozen=True, eq=False)
+class HeadPatch:
+    """Replace attention heads' outputs by those recorded on another prompt (interchange intervention).
+
+    `source` maps each layer to its recorded `head_out` activation [batch or 1, seq, n_heads, d_head]
+    (for instance from `hooks.record(model, ["head_out.L"])`); only the chosen heads are replaced, on
+    forward passes over sequences of the recorded length (the prompt). Later decoding steps run
+    unpatched, on the cache the patched prompt left.
+    """
+
+    heads: tuple[tuple[int, int], ...]
+    source: Mapping[int, Tensor]
+    kind = "head_patch"
+
+    @property
+    def name(self) -> str:
+        return f"patch heads {_heads_text(self.heads)}"
+
+    def parameters(self) -> dict:
+        layers = sorted({layer for layer, _ in self.heads})
+        return {"heads": [list(h) for h in sorted(set(self.heads))],
+                "source_sha256": {str(layer): _tensor_sha(self.source[layer]) for layer in layers if layer in self.source}}
+
+    def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
+        grouped = _by_layer(check_heads(model, self.heads))
+        n_heads = head_count(model)
+        for layer, _ in grouped:
+            shape = tuple(self.source[layer].shape) if layer in self.source else None
+            if shape is None or len(shape) != 4 or shape[2] != n_heads:
+                raise ValueError(f"HeadPatch needs a recorded head_out.{layer} of shape [batch, seq, {n_heads}, d_head]; "
+                                 f"got {shape}: record it with hooks.record(model, ['head_out.{layer}']).")
+
+        def patched(layer: int, heads: list[int]) -> HookFn:
+            def hook(outputs: Tensor, positions: Tensor | None) -> Tensor | None:
+                source = self.source[layer].to(outputs)
+                if outputs.shape[1] != source.shape[1]:
+                    return None
+                outputs = outputs.clone()
+                outputs[..., heads, :] = source[..., heads, :].expand_as(outputs[..., heads, :])
+                return outputs
+
+            return hook
+
+        return [(f"head_out.{layer}", patched(layer, heads)) for layer, heads in grouped]
 
 
 @dataclass(frozen=True)
@@ -93,22 +238,39 @@ class Compose:
     """Several interventions at once, applied in order."""
 
     parts: tuple
-    kind: str = "compose"
+    kind = "compose"
+
+    @property
+    def name(self) -> str:
+        return " + ".join(part.name for part in self.parts)
 
     def parameters(self) -> dict:
         return {"parts": [{"kind": p.kind, **p.parameters()} for p in self.parts]}
 
+    def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
+        return [hook for part in self.parts for hook in part.hooks(model)]
 
-Intervention = Ablate | Add | Clamp | Compose
+
+@dataclass(frozen=True)
+class Description:
+    """How a generation or effect row names its intervention."""
+
+    id: str
+    kind: str
+    name: str
+    parameters: str
+    """Canonical JSON."""
+    feature_set: str | None
 
 
-def describe(intervention: Intervention | None) -> tuple[str, str, str]:
-    """(id, kind, parameters as canonical JSON) of an intervention; ("none", "none", "{}") for None."""
+def describe(intervention: Intervention | None) -> Description:
+    """Id (kind + parameter hash), kind, readable name, canonical JSON parameters and feature set of an intervention."""
     if intervention is None:
-        return "none", "none", "{}"
+        return Description("none", "none", "none", "{}", None)
     parameters = json.dumps(intervention.parameters(), sort_keys=True, separators=(",", ":"))
     identity = hashlib.sha256(f"{intervention.kind}:{parameters}".encode()).hexdigest()[:12]
-    return f"{intervention.kind}-{identity}", intervention.kind, parameters
+    return Description(f"{intervention.kind}-{identity}", intervention.kind, intervention.name, parameters,
+                       getattr(intervention, "feature_set", None) or None)
 
 
 @contextmanager
@@ -120,30 +282,7 @@ def intervene(model: nn.Module, intervention: Intervention | None) -> Iterator[N
     if intervention is None:
         yield
         return
-    blocks = decoder_layers(model)
-    d_model = int(model.config.hidden_size)
-    parameter = next(model.parameters())
-    with ExitStack() as stack:
-        for part in _flatten(intervention):
-            if isinstance(part, Clamp):
-                stack.enter_context(splice(model, part.sae, part.layer, use_error_term=True,
-                                           skip_first=part.skip_first, edit=part.edit))
-                continue
-            if part.direction.shape != (d_model,):
-                raise ValueError(
-                    f"The {part.kind} direction has shape {tuple(part.direction.shape)} but this model's residual "
-                    f"stream has width {d_model}; use a direction computed on this model."
-                )
-            direction = part.direction.to(device=parameter.device, dtype=parameter.dtype)
-            if isinstance(part, Ablate):
-                unit = direction / direction.norm()
-                for block in blocks:
-                    stack.enter_context(hooked(block, _ablate_input(unit), "forward_pre"))
-                    for module in (block.self_attn, block.mlp):
-                        stack.enter_context(hooked(module, _ablate_output(unit)))
-            else:
-                check_layers([part.layer], len(blocks))
-                stack.enter_context(hooked(blocks[part.layer], _add_input(part.coefficient * direction), "forward_pre"))
+    with hooks(model, intervention.hooks(model)):
         yield
 
 
@@ -152,33 +291,24 @@ def project_out(hidden: Tensor, unit: Tensor) -> Tensor:
     return hidden - (hidden @ unit).unsqueeze(-1) * unit
 
 
-def _ablate_input(unit: Tensor):
-    def hook(module: nn.Module, args: tuple, kwargs: dict | None = None):
-        return (project_out(args[0], unit), *args[1:])
-
-    return hook
-
-
-def _ablate_output(unit: Tensor):
-    def hook(module: nn.Module, args: tuple, output: Tensor | tuple):
-        if isinstance(output, tuple):
-            return (project_out(output[0], unit), *output[1:])
-        return project_out(output, unit)
-
-    return hook
+def _residual_vector(model: nn.Module, direction: Tensor, kind: str) -> Tensor:
+    d_model = int(model.config.hidden_size)
+    if direction.shape != (d_model,):
+        raise ValueError(f"The {kind} direction has shape {tuple(direction.shape)} but this model's residual stream "
+                         f"has width {d_model}; use a direction computed on this model.")
+    parameter = next(model.parameters())
+    return direction.to(device=parameter.device, dtype=parameter.dtype)
 
 
-def _add_input(vector: Tensor):
-    def hook(module: nn.Module, args: tuple):
-        return (args[0] + vector, *args[1:])
+def _by_layer(heads: Sequence[tuple[int, int]]) -> list[tuple[int, list[int]]]:
+    grouped: dict[int, list[int]] = {}
+    for layer, head in heads:
+        grouped.setdefault(layer, []).append(head)
+    return sorted(grouped.items())
 
-    return hook
 
-
-def _flatten(intervention: Intervention) -> Sequence[Ablate | Add | Clamp]:
-    if isinstance(intervention, Compose):
-        return [leaf for part in intervention.parts for leaf in _flatten(part)]
-    return [intervention]
+def _heads_text(heads: Sequence[tuple[int, int]]) -> str:
+    return ",".join(f"{layer}.{head}" for layer, head in sorted(set(heads)))
 
 
 def _tensor_sha(tensor: Tensor) -> str:

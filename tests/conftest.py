@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny import load_tiny, save_tiny_model
+from tests.tiny import FAMILIES, load_tiny, save_tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -26,9 +26,9 @@ def seeded() -> None:
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random qwen2, gemma2, gemma3 and llama chat models saved with save_pretrained."""
+    """A tiny random chat model of every supported family, saved with save_pretrained."""
     root = tmp_path_factory.mktemp("tiny")
-    return {family: save_tiny_model(root / family, family) for family in ("qwen2", "gemma2", "gemma3", "llama")}
+    return {family: save_tiny_model(root / family, family) for family in FAMILIES}
 
 
 @pytest.fixture

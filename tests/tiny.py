@@ -13,9 +13,15 @@ from transformers import (
     Gemma2Config,
     Gemma3TextConfig,
     LlamaConfig,
+    MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
+
+FAMILIES = ("qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3", "phi3")
+"""Every family the product claims; each has a layout in refusal_core.layouts."""
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -45,21 +51,25 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
 
 def config_for(family: str, vocab_size: int, **overrides):
-    """A 3-layer config of the given family (qwen2, gemma2, gemma3 or llama), width 64."""
+    """A 3-layer config of one of FAMILIES, width 64, 4 query heads of width 16 over 2 key-value heads."""
     common = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
         eos_token_id=2, pad_token_id=0, bos_token_id=0, tie_word_embeddings=False,
     )
-    if family == "qwen2":
-        return Qwen2Config(**{**common, **overrides})
-    if family == "gemma2":
-        return Gemma2Config(**{**common, "head_dim": 16, "sliding_window": 16, **overrides})
-    if family == "gemma3":
-        return Gemma3TextConfig(**{**common, "head_dim": 16, "sliding_window": 16, **overrides})
-    if family == "llama":
-        return LlamaConfig(**{**common, **overrides})
-    raise ValueError(f"Unknown family {family!r}; use qwen2, gemma2, gemma3 or llama.")
+    configs = {
+        "qwen2": (Qwen2Config, {}),
+        "qwen3": (Qwen3Config, {"head_dim": 16}),
+        "llama": (LlamaConfig, {}),
+        "mistral": (MistralConfig, {"sliding_window": None}),
+        "gemma2": (Gemma2Config, {"head_dim": 16, "sliding_window": 16}),
+        "gemma3": (Gemma3TextConfig, {"head_dim": 16, "sliding_window": 16}),
+        "phi3": (Phi3Config, {}),
+    }
+    if family not in configs:
+        raise ValueError(f"Unknown family {family!r}; use one of {', '.join(FAMILIES)}.")
+    config_class, extra = configs[family]
+    return config_class(**{**common, **extra, **overrides})
 
 
 def save_tiny_model(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:
@@ -68,10 +78,13 @@ def save_tiny_model(folder: Path, family: str = "qwen2", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config_for(family, len(tokenizer)))
     # Larger random weights than the default init make the residual stream differ visibly per layer.
+    # Norm weights vary per channel, as in every trained checkpoint (an intervention that forgets a norm shows).
     with torch.no_grad():
-        for parameter in model.parameters():
+        for name, parameter in model.named_parameters():
             if parameter.dim() == 2:
                 parameter.normal_(0, 0.2)
+            elif "norm" in name:
+                parameter.add_(0.3 * torch.randn_like(parameter))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True)

@@ -2,45 +2,110 @@ import pytest
 import torch
 
 from refusal_core.activations import tokenize_batch
-from refusal_core.hooks import decoder_layers, record_residual
-from refusal_core.interventions import Ablate, Add, Compose, describe, intervene, project_out
+from refusal_core.hooks import decoder_layers, head_count, hooks, record, record_residual
+from refusal_core.interventions import (Ablate, Add, Clamp, Compose, HeadAblate, HeadPatch, SaeLatents, describe, intervene,
+                                        project_out)
 from refusal_core.scoring import completion_cross_entropy, kl_divergence, refusal_score
+from tests.tiny import FAMILIES, load_tiny, random_sae
 
 
 def _inputs(tokenizer):
     return tokenize_batch(tokenizer, ["How do I bake bread?", "List three colours."], torch.device("cpu"))
 
 
-def test_addition_changes_its_layer_by_exactly_the_vector_and_leaves_earlier_layers(qwen):
-    model, tokenizer = qwen
-    inputs = _inputs(tokenizer)
-    vector = torch.randn(64)
-    with torch.no_grad(), record_residual(model, [0, 1]) as clean:
-        model(**inputs)
-    clean = dict(clean)
-    captured = {}
-
-    def grab(module, args):
-        captured["input"] = args[0].clone()
-
-    with torch.no_grad(), intervene(model, Add(vector, layer=1, coefficient=2.0)), record_residual(model, [0]) as patched:
-        handle = decoder_layers(model)[1].register_forward_pre_hook(grab)
-        try:
-            model(**inputs)
-        finally:
-            handle.remove()
-    assert torch.equal(patched[0], clean[0])  # block 0 is untouched
-    assert torch.allclose(captured["input"], clean[0] + 2.0 * vector, atol=1e-6)
-
-
-def test_ablation_removes_the_direction_from_every_block_output(qwen):
-    model, tokenizer = qwen
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ablation_removes_the_direction_from_every_block_output(tiny_models, family):
+    model, tokenizer = load_tiny(tiny_models[family])
     direction = torch.randn(64)
     unit = direction / direction.norm()
+    inputs = _inputs(tokenizer)
+    with torch.no_grad(), record_residual(model, [0, 1, 2]) as clean:
+        model(**inputs)
+    assert max(((h @ unit).abs() / h.norm(dim=-1)).max() for h in clean.values()) > 1e-2  # the test can fail
     with torch.no_grad(), intervene(model, Ablate(direction)), record_residual(model, [0, 1, 2]) as recorded:
-        model(**_inputs(tokenizer))
+        model(**inputs)
     for layer, hidden in recorded.items():
-        assert (hidden @ unit).abs().max() < 1e-4, layer
+        assert ((hidden @ unit).abs() / hidden.norm(dim=-1)).max() < 1e-4, layer
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_addition_changes_exactly_its_layers_input(tiny_models, family):
+    model, tokenizer = load_tiny(tiny_models[family])
+    inputs, vector = _inputs(tokenizer), torch.randn(64)
+    points = ["resid_pre.0", "resid_pre.1", "resid_post.0"]
+    with torch.no_grad(), record(model, points) as clean:
+        model(**inputs)
+    with torch.no_grad(), intervene(model, Add(vector, layer=1, coefficient=2.0)), record(model, points) as added:
+        model(**inputs)
+    assert torch.equal(added["resid_pre.0"], clean["resid_pre.0"]) and torch.equal(added["resid_post.0"], clean["resid_post.0"])
+    assert torch.allclose(added["resid_pre.1"], clean["resid_pre.1"] + 2.0 * vector, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ablating_every_head_of_a_layer_removes_its_attention_output(tiny_models, family):
+    model, tokenizer = load_tiny(tiny_models[family])
+    inputs = _inputs(tokenizer)
+    all_heads = tuple((1, head) for head in range(head_count(model)))
+    with torch.no_grad():
+        clean = model(**inputs).logits
+        with intervene(model, HeadAblate(all_heads)):
+            ablated = model(**inputs).logits
+        with hooks(model, [("attn_out.1", lambda hidden, positions: torch.zeros_like(hidden))]):
+            removed = model(**inputs).logits
+        with intervene(model, HeadAblate(all_heads[:1])):
+            one = model(**inputs).logits
+    assert not torch.allclose(ablated, clean, atol=1e-3) and not torch.allclose(one, ablated, atol=1e-3)
+    assert torch.allclose(ablated, removed, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_patch_from_the_same_prompt_changes_nothing_and_from_another_moves_only_its_heads(tiny_models, family):
+    model, tokenizer = load_tiny(tiny_models[family])
+    inputs = _inputs(tokenizer)
+    with torch.no_grad(), record(model, ["head_out.1"]) as own:
+        clean = model(**inputs).logits
+    with torch.no_grad(), intervene(model, HeadPatch(((1, 0), (1, 2)), {1: own["head_out.1"]})):
+        same = model(**inputs).logits
+    assert torch.equal(same, clean)
+    source = own["head_out.1"] + torch.randn_like(own["head_out.1"])
+    with torch.no_grad(), intervene(model, HeadPatch(((1, 2),), {1: source})), record(model, ["head_out.1"]) as seen:
+        patched = model(**inputs).logits
+    assert not torch.allclose(patched, clean, atol=1e-3)
+    assert torch.equal(seen["head_out.1"][:, :, 2], source[:, :, 2])
+    assert torch.equal(seen["head_out.1"][:, :, :2], own["head_out.1"][:, :, :2])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_clamp_moves_the_block_output_by_exactly_the_decoded_change(tiny_models, family):
+    model, tokenizer = load_tiny(tiny_models[family])
+    inputs, sae = _inputs(tokenizer), random_sae(layer=1)
+    chosen = (3, 17, 40)
+    with torch.no_grad(), record_residual(model, [1]) as clean:
+        model(**inputs)
+    with torch.no_grad(), intervene(model, Clamp((SaeLatents(1, sae, "f" * 64, chosen),), factor=-2.0)), \
+            record_residual(model, [1]) as clamped:
+        model(**inputs)
+    with torch.no_grad():
+        latents = sae.encode(clean[1])
+        change = torch.zeros_like(latents)
+        change[..., list(chosen)] = -3.0 * latents[..., list(chosen)]  # x(-2) is a change of -3x
+        expected = change @ sae.W_dec
+    assert expected.abs().max() > 1e-3  # some chosen latent fires
+    assert torch.allclose(clamped[1] - clean[1], expected, atol=1e-4)
+
+
+def test_head_and_clamp_bad_input_is_one_clear_error(qwen):
+    model, _ = qwen
+    with pytest.raises(ValueError, match="Head 4 of layer 1 is out of range: this model has heads 0 to 3"):
+        with intervene(model, HeadAblate(((1, 4),))):
+            pass
+    with pytest.raises(ValueError, match=r"HeadPatch needs a recorded head_out.1 of shape \[batch, seq, 4, d_head\]"):
+        with intervene(model, HeadPatch(((1, 0),), {1: torch.zeros(1, 3, 64)})):
+            pass
+    with pytest.raises(ValueError, match="SAE given has width 32 but the model's residual stream has width 64"):
+        with intervene(model, Clamp((SaeLatents(1, random_sae(layer=1, d_in=32), "f" * 64, (1,)),), factor=0.0)):
+            pass
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in model.modules())
 
 
 def test_model_is_unchanged_after_the_context_exits(qwen):
@@ -68,10 +133,13 @@ def test_wrong_width_is_one_clear_error(qwen):
 
 def test_description_is_stable_and_depends_on_parameters():
     direction = torch.arange(4.0)
-    first, kind, parameters = describe(Add(direction, 3, 1.5))
-    assert describe(Add(direction.clone(), 3, 1.5))[0] == first and kind == "add"
-    assert describe(Add(direction, 3, 2.0))[0] != first and '"layer":3' in parameters
-    assert describe(None) == ("none", "none", "{}")
+    first = describe(Add(direction, 3, 1.5))
+    assert describe(Add(direction.clone(), 3, 1.5)) == first and first.kind == "add"
+    assert describe(Add(direction, 3, 2.0)).id != first.id and '"layer":3' in first.parameters
+    assert first.name == "add direction ×1.5 at layer 3" and first.feature_set is None
+    assert describe(None).id == "none" and describe(None).parameters == "{}"
+    both = describe(Compose((Ablate(direction), HeadAblate(((2, 1), (1, 0)), scale=0.5))))
+    assert both.kind == "compose" and both.name == "ablate direction + scale ×0.5 heads 1.0,2.1"
 
 
 def test_project_out_and_scores_on_planted_values():

@@ -3,11 +3,12 @@
 import dagster as dg
 import pyarrow as pa
 
-from assets.common import content_sha256, eval_prompts, model_lineage, upstream_lineage
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt
 from refusal_core.evaluation import judged_generations
+from refusal_core.prompts import eval_prompts
 from refusal_core.scoring import refusal_token_ids
 from refusal_core.tables import GENERATIONS, Spool, spool, to_json
 

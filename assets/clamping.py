@@ -5,14 +5,15 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from assets.common import content_sha256, eval_prompts, model_lineage, upstream_lineage
-from assets.saes import study_saes
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt, instruction_offset
 from refusal_core.evaluation import effect_rows, judged_generations
 from refusal_core.interventions import Clamp, Compose
 from refusal_core.models import LoadedModel
+from refusal_core.prompts import eval_prompts
+from refusal_core.saes import study_saes
 from refusal_core.scoring import refusal_token_ids
 from refusal_core.tables import EFFECTS, GENERATIONS, Spool, spool, to_json
 

@@ -5,12 +5,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from assets.common import content_sha256, model_lineage, prompts_of, upstream_lineage
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.activations import INSTRUCTION_TOKEN
 from refusal_core.chat import format_prompt
-from refusal_core.directions import cosine_scores, difference_in_means, eligible_layers, mean_activations, top_candidates
+from refusal_core.directions import (cosine_scores, difference_in_means, eligible_layers, mean_activations, position_names,
+                                     top_candidates)
+from refusal_core.prompts import prompts_of
 from refusal_core.scoring import answer_log_probs, refusal_score, refusal_token_ids
 from refusal_core.selection import choose, evaluate_candidates
 from refusal_core.tables import DIRECTION_CANDIDATES, DIRECTIONS, Spool, spool, to_json
@@ -92,20 +94,6 @@ def refusal_directions(
         "selected_layer": best.layer, "selected_position": best.position, "selected_token": token_of.get(best.position, ""),
         "ablation_refusal_score": best.ablation_refusal_score, "addition_refusal_score": best.addition_refusal_score,
         "kl": best.kl, "passes_filters": passed, "selected_by_cosine": f"layer {by_cosine[0]}, position {by_cosine[1]}", "n_train_harmful": harmful.num_rows, "n_train_harmless": harmless.num_rows})
-
-
-def position_names(activations: pa.Table) -> dict[int, str]:
-    """Position -> the token stored for it, read from the distinct pairs rather than from row order."""
-    pairs = activations.select(["position", "token"]).group_by(["position", "token"]).aggregate([])
-    return dict(zip(pairs["position"].to_pylist(), pairs["token"].to_pylist()))
-
-
-def selected_direction(candidates: pa.Table):
-    """(layer, direction tensor) of the selected row of a refusal_directions table."""
-    row = candidates.filter(candidates["selected"]).to_pylist()
-    if len(row) != 1:
-        raise ValueError(f"The refusal_directions table has {len(row)} selected rows; re-materialize it.")
-    return row[0]["layer_index"], torch.tensor(row[0]["direction"], dtype=torch.float64)
 
 
 @dg.asset(partitions_def=studies, group_name="directions", kinds={"parquet"})

@@ -6,16 +6,17 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from assets.common import content_sha256, model_lineage, prompts_of, upstream_lineage
-from assets.features import latent_activations
-from assets.jailbreaks import refusal_members
-from assets.saes import study_saes
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt, instruction_offset, post_instruction_tokens
-from refusal_core.evaluation import ratio_interval
 from refusal_core.edges import template_latents
+from refusal_core.evaluation import ratio_interval
+from refusal_core.features import refusal_members
 from refusal_core.interventions import Clamp
+from refusal_core.prompts import prompts_of
+from refusal_core.readouts import latent_activations
+from refusal_core.saes import study_saes
 from refusal_core.tables import FEATURE_EDGES, Spool, spool, to_json
 
 

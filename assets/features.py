@@ -6,41 +6,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from assets.common import content_sha256, model_lineage, prompts_of, upstream_lineage
-from assets.directions import selected_direction
-from assets.saes import study_saes
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
-from refusal_core.activations import INSTRUCTION_TOKEN
-from refusal_core.attribution import attribution_patching, decoder_cosines, encode_rows
+from refusal_core.attribution import attribution_patching, decoder_cosines
 from refusal_core.chat import format_prompt, instruction_offset
+from refusal_core.directions import selected_direction
 from refusal_core.interventions import Ablate
-from refusal_core.saes import LoadedSae, neuronpedia_url
+from refusal_core.prompts import prompts_of
+from refusal_core.readouts import latent_activations
+from refusal_core.saes import neuronpedia_url, study_saes
 from refusal_core.scoring import answer_log_probs, refusal_score, refusal_token_ids
 from refusal_core.tables import FEATURE_CARDS, FEATURE_SETS, LATENT_ATTRIBUTIONS, Spool, spool, to_json
 
 MIN_ATTRIBUTION_PROMPTS = 4
 TOP_PROMPTS = 5
 """Prompts shown on each feature card."""
-
-
-def latent_activations(activations: pa.Table, prompts: pa.Table, saes: dict[int, LoadedSae]):
-    """Encode the stored post-instruction activations with each layer's SAE.
-
-    Returns (prompt rows in prompt-id order, template tokens, layer -> latents [n_prompts, n_positions, d_sae]).
-    """
-    post = activations.filter(pc.and_(pc.is_in(activations["layer_index"], pa.array(sorted(saes), pa.int16())),
-                                      pc.not_equal(activations["token"], INSTRUCTION_TOKEN)))
-    post = post.sort_by([("layer_index", "ascending"), ("prompt_id", "ascending"), ("position", "ascending")])
-    ids = sorted(set(post["prompt_id"].to_pylist()))
-    tokens = [t for _, t in sorted(set(zip(post["position"].to_pylist(), post["token"].to_pylist())))]
-    by_id = {row["prompt_id"]: row for row in prompts.select(["prompt_id", "label", "text"]).to_pylist()}
-    latents = {}
-    for layer, item in saes.items():
-        rows = post.filter(pc.equal(post["layer_index"], layer))["activation"]
-        vectors = torch.from_numpy(pc.list_flatten(rows).to_numpy().reshape(len(rows), -1).copy())  # [n_rows, d_model]
-        latents[layer] = encode_rows(item.sae, vectors).reshape(len(ids), len(tokens), -1)  # [n_prompts, n_pos, d_sae]
-    return [by_id[i] for i in ids], tokens, latents
 
 
 def _label_mask(rows: list[dict], label: str) -> torch.Tensor:

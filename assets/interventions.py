@@ -4,13 +4,14 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from assets.common import content_sha256, eval_prompts, model_lineage, upstream_lineage
-from assets.directions import selected_direction
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt
+from refusal_core.directions import selected_direction
 from refusal_core.evaluation import effect_rows, judged_generations
 from refusal_core.interventions import Ablate, Add, describe
+from refusal_core.prompts import eval_prompts
 from refusal_core.scoring import answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
 from refusal_core.tables import EFFECTS, GENERATIONS, Spool, spool, to_json
 

@@ -7,15 +7,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from assets.activations import capture_table
-from assets.common import content_sha256, model_lineage, upstream_lineage
-from assets.readouts import direction_row, feature_activations, fitted_threshold, projections
-from assets.saes import study_saes
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
+from refusal_core.activations import capture_table
 from refusal_core.chat import format_prompt
+from refusal_core.directions import direction_row
 from refusal_core.evaluation import bootstrap_interval, judged_generations
-from refusal_core.probes import MIN_PER_CLASS
+from refusal_core.features import refusal_members
+from refusal_core.probes import MIN_PER_CLASS, fitted_threshold
+from refusal_core.prompts import wrapped_prompts
+from refusal_core.readouts import feature_activations, projections
+from refusal_core.saes import study_saes
 from refusal_core.scoring import refusal_token_ids
 from refusal_core.tables import GENERATIONS, JAILBREAK_PAIRS, JAILBREAK_SUMMARY, Spool, spool, to_json
 
@@ -98,25 +101,12 @@ def eval_activations(context: dg.AssetExecutionContext, study: StudyResource, pr
     ids = pc.unique(pa.concat_arrays([baseline_generations["prompt_id"].combine_chunks(),
                                       jailbreak_generations["prompt_id"].combine_chunks()]))
     selected = prompts.filter(pc.is_in(prompts["prompt_id"], ids)).sort_by("prompt_id")
-    staged, metadata = capture_table(context, study, loaded, selected, prompts, {"prompts": "judged test prompts"},
-                                     shared_prefix_groups(selected),
-                                     baseline_generations=baseline_generations,
-                                     jailbreak_generations=jailbreak_generations)
+    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, baseline_generations=baseline_generations,
+                                                           jailbreak_generations=jailbreak_generations),
+               "prompt_set_sha256": content_sha256(prompts)}
+    staged, metadata = capture_table(loaded, selected, study.staging_dir, lineage, {"prompts": "judged test prompts"},
+                                     shared_prefix_groups(selected))
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=metadata)
-
-
-def wrapped_prompts(prompts: pa.Table, jailbreak_generations: pa.Table) -> set[str]:
-    """Ids of the harmful prompts the judged jailbreaks wrap: left out of whatever is fitted and then tested on them."""
-    judged = prompts.filter(pc.is_in(prompts["prompt_id"], jailbreak_generations["prompt_id"].combine_chunks()))
-    return set(pc.drop_null(judged["base_prompt_id"]).to_pylist())
-
-
-def refusal_members(feature_sets: pa.Table, name: str = "cossim_ap") -> list[tuple[int, int]]:
-    """(layer, latent) of a feature set, in rank order."""
-    rows = feature_sets.filter(pc.equal(feature_sets["feature_set"], name)).sort_by("rank")
-    if rows.num_rows == 0:
-        raise ValueError(f"The feature_sets table has no {name!r} set; re-materialize feature_sets.")
-    return list(zip(rows["layer_index"].to_pylist(), rows["latent_index"].to_pylist()))
 
 
 @dg.asset(partitions_def=studies, group_name="analyses", kinds={"parquet", "pytorch"})

@@ -5,15 +5,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from assets.common import model_lineage, upstream_lineage
-from assets.jailbreaks import refusal_members, wrapped_prompts
-from assets.readouts import direction_row, feature_activations, fitted_threshold, projections, residual_vectors
-from assets.saes import study_saes
+from pipelines.metadata import model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt
+from refusal_core.directions import direction_row
 from refusal_core.evaluation import bootstrap_interval
-from refusal_core.probes import best_layer, probe_scores, too_few
+from refusal_core.features import refusal_members
+from refusal_core.probes import best_layer, fitted_threshold, probe_scores, too_few
+from refusal_core.prompts import wrapped_prompts
+from refusal_core.readouts import feature_activations, projections, residual_vectors
+from refusal_core.saes import study_saes
 from refusal_core.scoring import answer_log_probs, refusal_score, refusal_token_ids
 from refusal_core.tables import LATENT_GUARD, PROBE_RESULTS, Spool, spool, to_json
 

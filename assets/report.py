@@ -2,8 +2,7 @@
 
 import dagster as dg
 
-from assets.figures import figures, png_metadata
-from assets.probes import latent_guard
+from pipelines.metadata import png_metadata
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.lineage import code_version
@@ -18,7 +17,7 @@ LINEAGE_SHOWN = ("intervention_effects", "feature_effects", "jailbreak_summary",
 """Result tables whose lineage the report prints, each back to the weights."""
 
 
-@dg.asset(partitions_def=studies, group_name="report", kinds={"html"}, deps=[figures, latent_guard])
+@dg.asset(partitions_def=studies, group_name="report", kinds={"html"}, deps=["figures", "latent_guard"])
 def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
     """A static HTML page with the study's figures, main tables and the lineage of its results, and the overview page of every study."""
     key = context.partition_key

@@ -7,12 +7,11 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from assets.common import content_sha256, model_lineage, upstream_lineage
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt, instruction_offset
-from refusal_core.models import LoadedModel
-from refusal_core.saes import LoadedSae, load_local_sae, load_pretrained_sae, load_sae, sae_quality, train_saes
+from refusal_core.saes import load_local_sae, load_sae, sae_quality, train_saes
 from refusal_core.tables import SAE_QUALITY, Spool, spool, to_json
 
 QUALITY_CHECK = "sae_quality_thresholds"
@@ -95,22 +94,3 @@ def saes(context: dg.AssetExecutionContext, config: SaeQualityConfig, study: Stu
         metadata={"poor_layers": str(poor), "min_explained_variance": config.min_explained_variance,
                   "min_ce_loss_recovered": config.min_ce_loss_recovered})
 
-
-def study_saes(loaded: LoadedModel, saes_table: pa.Table) -> dict[int, LoadedSae]:
-    """The SAEs the `saes` table was made with, by layer, checked against the weights hash it recorded."""
-    spec = loaded.study.saes
-    result = {}
-    for row in saes_table.to_pylist():
-        kind, _, where = row["sae_source"].partition(":")
-        if kind in ("trained", "local"):
-            item = load_local_sae(Path(where), row["layer_index"], loaded.d_model, str(loaded.device))
-        else:
-            item = load_pretrained_sae(spec.release, row["sae_id"], row["layer_index"], loaded.d_model, spec.revision,
-                                       None, None, str(loaded.device))
-        if item.weights_sha256 != row["sae_sha256"]:
-            raise ValueError(f"The SAE for layer {row['layer_index']} at {row['sae_source']} is not the one the saes table "
-                             "was made with; re-materialize the saes asset.")
-        result[item.layer] = item
-    if not result:
-        raise ValueError(f"Study {loaded.study.key} has no SAEs; set [studies.\"{loaded.study.key}\".saes] in the registry.")
-    return result

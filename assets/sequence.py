@@ -4,12 +4,13 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from assets.common import content_sha256, model_lineage, prompts_of, upstream_lineage
-from assets.directions import selected_direction
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt, post_instruction_tokens
+from refusal_core.directions import selected_direction
 from refusal_core.generation import generate
+from refusal_core.prompts import prompts_of
 from refusal_core.sequence import sequence_projections
 from refusal_core.tables import SEQUENCE_PROJECTIONS, Spool, spool, to_json
 

@@ -115,7 +115,7 @@ def _release_abandoned_runs(instance) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from assets.directions import selected_direction
+    from refusal_core.directions import selected_direction
     from refusal_core.chat import format_prompt
     from refusal_core.evaluation import judged_generations
     from refusal_core.interventions import Ablate, Add

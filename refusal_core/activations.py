@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -13,8 +15,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from refusal_core.chat import format_prompt, post_instruction_tokens
 from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
-from refusal_core.tables import activations_schema
+from refusal_core.models import LoadedModel
+from refusal_core.tables import Spool, activations_schema, spool, to_json
 
 
 @dataclass(frozen=True)
@@ -226,3 +230,35 @@ def activation_rows(
         ],
         schema=activations_schema(d_model),
     )
+
+
+def capture_table(loaded: LoadedModel, selected: pa.Table, directory: Path, lineage: Mapping[str, str],
+                  settings: Mapping[str, object], groups: list[list[int]] | None = None) -> tuple[Spool, dict]:
+    """Capture the `selected` prompts' residual stream at the study's layers into an ACTIVATIONS table spooled in `directory`.
+
+    `groups` (row indices) are captured one after another, each with the prefix its prompts share run once.
+    The spool's lineage is `lineage` plus the settings: the caller's, the layers, the batch size and the positions.
+    Returns the spool and its metadata (counts, positions, tokens per second, device).
+    """
+    layers = check_layers(loaded.study.settings.layers if loaded.study.settings.layers is not None
+                          else range(loaded.n_layers), loaded.n_layers)
+    template = loaded.study.chat_template
+    suffix = post_instruction_tokens(loaded.tokenizer, template)
+    tokens = position_tokens(loaded.tokenizer, suffix)
+    texts = [format_prompt(loaded.tokenizer, text, template) for text in selected["text"].to_pylist()]
+    ids = selected["prompt_id"].to_pylist()
+    counter = {"tokens": 0}
+    batch_size = loaded.study.settings.batch_size
+
+    def batches():
+        for group in groups or [list(range(len(texts)))]:
+            for batch in capture(loaded.model, loaded.tokenizer, [texts[i] for i in group], layers, suffix, batch_size):
+                counter["tokens"] += batch.n_tokens
+                yield activation_rows(batch, loaded.study.key, [ids[i] for i in group], layers, tokens)
+
+    started = time.perf_counter()
+    lineage = {**lineage, "settings": to_json({"layers": layers, **settings, "batch_size": batch_size, "positions": tokens})}
+    staged = spool(batches(), activations_schema(loaded.d_model), directory, lineage)
+    seconds = time.perf_counter() - started
+    return staged, {"n_prompts": len(ids), "n_layers": len(layers), "positions": tokens,
+                    "tokens_per_second": round(counter["tokens"] / seconds, 1), "device": str(loaded.device)}

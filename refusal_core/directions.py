@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
@@ -114,3 +115,25 @@ def top_candidates(scores: Tensor, layers: Sequence[int], positions: Sequence[in
         reverse=True,
     )
     return [(layer, position) for _, layer, position in ranked[:k]]
+
+
+def position_names(activations: pa.Table) -> dict[int, str]:
+    """Position -> the token stored for it in an ACTIVATIONS table, read from the distinct pairs rather than from row order."""
+    pairs = activations.select(["position", "token"]).group_by(["position", "token"]).aggregate([])
+    return dict(zip(pairs["position"].to_pylist(), pairs["token"].to_pylist()))
+
+
+def selected_direction(candidates: pa.Table) -> tuple[int, Tensor]:
+    """(layer, direction tensor) of the selected row of a refusal_directions table."""
+    row = candidates.filter(candidates["selected"]).to_pylist()
+    if len(row) != 1:
+        raise ValueError(f"The refusal_directions table has {len(row)} selected rows; re-materialize it.")
+    return row[0]["layer_index"], torch.tensor(row[0]["direction"], dtype=torch.float64)
+
+
+def direction_row(category_directions: pa.Table, name: str) -> dict:
+    """The category_directions row called `name` (refusal, harmfulness, ...)."""
+    rows = category_directions.filter(pc.equal(category_directions["name"], name)).to_pylist()
+    if len(rows) != 1:
+        raise ValueError(f"The category_directions table has {len(rows)} rows named {name!r}; re-materialize it.")
+    return rows[0]

@@ -6,11 +6,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+
+from refusal_core.readouts import projections
 
 MIN_PER_CLASS = 5
 """Fewest rows of each class a probe is fitted or tested on; with fewer, no number is reported."""
@@ -85,6 +88,18 @@ def fit_threshold(values: np.ndarray, labels: np.ndarray) -> float:
     candidates = np.concatenate([[order[0] - 1.0], (order[:-1] + order[1:]) / 2])
     accuracy = [np.mean((values > t) == labels.astype(bool)) for t in candidates]
     return float(candidates[int(np.argmax(accuracy))])
+
+
+def fitted_threshold(activations: pa.Table, prompts: pa.Table, direction: dict, exclude: set[str] = frozenset()) -> float:
+    """Projection threshold on `direction` that best separates the stored harmful from harmless prompts (not `exclude`)."""
+    values = projections(activations, direction)
+    labels = dict(zip(prompts["prompt_id"].to_pylist(), prompts["label"].to_pylist()))
+    train = [(v, labels[i] == "harmful") for i, v in values.items()
+             if labels.get(i) in ("harmful", "harmless") and i not in exclude]
+    if not any(flag for _, flag in train) or all(flag for _, flag in train):
+        raise ValueError("The activations table needs harmful and harmless prompts to fit a threshold on a direction; "
+                         "keep both in settings.activation_labels.")
+    return fit_threshold(np.array([v for v, _ in train]), np.array([flag for _, flag in train]))
 
 
 def _score(probe, x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

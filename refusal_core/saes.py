@@ -15,6 +15,7 @@ from pathlib import Path
 from unittest import mock
 
 import huggingface_hub
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
@@ -32,6 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import input_mask, prefix_cache, tokenize_batch
 from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual, untuple
+from refusal_core.models import LoadedModel
 from refusal_core.registry import SaeSpec
 
 HOOK_POINT = re.compile(r"blocks\.(\d+)\.hook_resid_post")
@@ -341,6 +343,26 @@ def neuronpedia_url(release: str, sae_id: str, latent: int) -> str | None:
         return None
     neuronpedia_id = (directory[release].neuronpedia_id or {}).get(sae_id)
     return f"https://www.neuronpedia.org/{neuronpedia_id}/{latent}" if neuronpedia_id else None
+
+
+def study_saes(loaded: LoadedModel, saes_table: pa.Table) -> dict[int, LoadedSae]:
+    """The SAEs a stored `saes` table was made with, by layer, checked against the weights hash it recorded."""
+    spec = loaded.study.saes
+    result = {}
+    for row in saes_table.to_pylist():
+        kind, _, where = row["sae_source"].partition(":")
+        if kind in ("trained", "local"):
+            item = load_local_sae(Path(where), row["layer_index"], loaded.d_model, str(loaded.device))
+        else:
+            item = load_pretrained_sae(spec.release, row["sae_id"], row["layer_index"], loaded.d_model, spec.revision,
+                                       None, None, str(loaded.device))
+        if item.weights_sha256 != row["sae_sha256"]:
+            raise ValueError(f"The SAE for layer {row['layer_index']} at {row['sae_source']} is not the one the saes table "
+                             "was made with; re-materialize the saes asset.")
+        result[item.layer] = item
+    if not result:
+        raise ValueError(f"Study {loaded.study.key} has no SAEs; set [studies.\"{loaded.study.key}\".saes] in the registry.")
+    return result
 
 
 def _release(release: str):

@@ -1,14 +1,34 @@
-"""Per-prompt readouts of a stored activations table: residual vectors, projections on a direction, refusal-feature activations."""
+"""Per-prompt readouts of a stored activations table: residual vectors, projections on a direction, SAE latents."""
 
 from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
-from assets.features import latent_activations
 from refusal_core.activations import INSTRUCTION_TOKEN
+from refusal_core.attribution import encode_rows
 from refusal_core.saes import LoadedSae
+
+
+def latent_activations(activations: pa.Table, prompts: pa.Table, saes: dict[int, LoadedSae]):
+    """Encode the stored post-instruction activations with each layer's SAE.
+
+    Returns (prompt rows in prompt-id order, template tokens, layer -> latents [n_prompts, n_positions, d_sae]).
+    """
+    post = activations.filter(pc.and_(pc.is_in(activations["layer_index"], pa.array(sorted(saes), pa.int16())),
+                                      pc.not_equal(activations["token"], INSTRUCTION_TOKEN)))
+    post = post.sort_by([("layer_index", "ascending"), ("prompt_id", "ascending"), ("position", "ascending")])
+    ids = sorted(set(post["prompt_id"].to_pylist()))
+    tokens = [t for _, t in sorted(set(zip(post["position"].to_pylist(), post["token"].to_pylist())))]
+    by_id = {row["prompt_id"]: row for row in prompts.select(["prompt_id", "label", "text"]).to_pylist()}
+    latents = {}
+    for layer, item in saes.items():
+        rows = post.filter(pc.equal(post["layer_index"], layer))["activation"]
+        vectors = torch.from_numpy(pc.list_flatten(rows).to_numpy().reshape(len(rows), -1).copy())  # [n_rows, d_model]
+        latents[layer] = encode_rows(item.sae, vectors).reshape(len(ids), len(tokens), -1)  # [n_prompts, n_pos, d_sae]
+    return [by_id[i] for i in ids], tokens, latents
 
 
 def residual_vectors(activations: pa.Table, layer: int, position: int | None = None) -> tuple[list[str], np.ndarray]:
@@ -41,24 +61,3 @@ def feature_activations(activations: pa.Table, prompts: pa.Table, saes: dict[int
     columns = [latents[layer][:, :, latent].mean(dim=1).double().numpy() for layer, latent in members]
     return [row["prompt_id"] for row in rows], np.stack(columns, axis=1)
 
-
-def direction_row(category_directions: pa.Table, name: str) -> dict:
-    """The category_directions row called `name` (refusal, harmfulness, ...)."""
-    rows = category_directions.filter(pc.equal(category_directions["name"], name)).to_pylist()
-    if len(rows) != 1:
-        raise ValueError(f"The category_directions table has {len(rows)} rows named {name!r}; re-materialize it.")
-    return rows[0]
-
-
-def fitted_threshold(activations: pa.Table, prompts: pa.Table, direction: dict, exclude: set[str] = frozenset()) -> float:
-    """Projection threshold on `direction` that best separates the stored harmful from harmless prompts (not `exclude`)."""
-    from refusal_core.probes import fit_threshold
-
-    values = projections(activations, direction)
-    labels = dict(zip(prompts["prompt_id"].to_pylist(), prompts["label"].to_pylist()))
-    train = [(v, labels[i] == "harmful") for i, v in values.items()
-             if labels.get(i) in ("harmful", "harmless") and i not in exclude]
-    if not any(flag for _, flag in train) or all(flag for _, flag in train):
-        raise ValueError("The activations table needs harmful and harmless prompts to fit a threshold on a direction; "
-                         "keep both in settings.activation_labels.")
-    return fit_threshold(np.array([v for v, _ in train]), np.array([flag for _, flag in train]))

@@ -1,6 +1,5 @@
 """Generations with SAE feature sets clamped (harmful prompts) or set (harmless prompts), and their effects table."""
 
-import json
 import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -10,12 +9,13 @@ from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt, instruction_offset
 from refusal_core.evaluation import effect_rows, judged_generations
-from refusal_core.interventions import Clamp, Compose
+from refusal_core.interventions import Clamp, SaeLatents
 from refusal_core.models import LoadedModel
 from refusal_core.prompts import eval_prompts
 from refusal_core.saes import study_saes
 from refusal_core.scoring import refusal_token_ids
-from refusal_core.tables import EFFECTS, GENERATIONS, Spool, spool, to_json
+from refusal_core.parquet import Spool, spool, to_json
+from refusal_core.tables import EFFECTS, GENERATIONS
 
 INDUCED_SETS = ("cossim_ap", "random")
 """Feature sets also set on harmless prompts to induce refusal (the method and its control)."""
@@ -43,16 +43,15 @@ def feature_interventions(loaded: LoadedModel, saes: pa.Table, feature_sets: pa.
         for member in members:
             by_layer.setdefault(member["layer_index"], []).append(member)
 
-        def parts(induce: bool) -> tuple[Clamp, ...]:
-            return tuple(Clamp(items[layer].sae, items[layer].weights_sha256, layer,
-                               tuple(m["latent_index"] for m in layer_members), skip_first=skip, feature_set=name,
-                               factor=None if induce else -settings.clamp_multiplier,
-                               values=tuple(m["induce_value"] for m in layer_members) if induce else None)
+        def targets(induce: bool) -> tuple[SaeLatents, ...]:
+            return tuple(SaeLatents(layer, items[layer].sae, items[layer].weights_sha256,
+                                    tuple(m["latent_index"] for m in layer_members),
+                                    tuple(m["induce_value"] for m in layer_members) if induce else None)
                          for layer, layer_members in sorted(by_layer.items()))
 
-        result[f"clamp:{name}"] = (Compose(parts(induce=False), kind="clamp"), ("harmful",))
+        result[f"clamp:{name}"] = (Clamp(targets(induce=False), -settings.clamp_multiplier, skip, name), ("harmful",))
         if name in INDUCED_SETS:
-            result[f"induce:{name}"] = (Compose(parts(induce=True), kind="induce"), ("harmless",))
+            result[f"induce:{name}"] = (Clamp(targets(induce=True), None, skip, name), ("harmless",))
     return result
 
 
@@ -94,12 +93,9 @@ def feature_effects(context: dg.AssetExecutionContext, study: StudyResource, fea
     table = pa.Table.from_pylist(rows, schema=EFFECTS)
     lineage = {**upstream_lineage(feature_generations=feature_generations), "settings": to_json({"bootstrap_seed": settings.seed})}
     staged = spool([table], EFFECTS, study.staging_dir, lineage)
-    summary = {f"{r['eval_set']}/{r['intervention_kind']}:{_set_name(r)}": round(r["refusal_rate"], 3)
+    summary = {f"{r['eval_set']}/{r['intervention_name']}": round(r["refusal_rate"], 3)
                for r in rows if r["judge"] == "substring"}
     context.log.info("Refusal rate by substring: %s", summary)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256),
                      metadata={f"refusal_rate/{k}": v for k, v in summary.items()})
 
-
-def _set_name(row: dict) -> str:
-    return json.loads(row["intervention_parameters"])["parts"][0]["feature_set"]

@@ -13,7 +13,8 @@ from refusal_core.evaluation import effect_rows, judged_generations
 from refusal_core.interventions import Ablate, Add, describe
 from refusal_core.prompts import eval_prompts
 from refusal_core.scoring import answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
-from refusal_core.tables import EFFECTS, GENERATIONS, Spool, spool, to_json
+from refusal_core.parquet import Spool, spool, to_json
+from refusal_core.tables import EFFECTS, GENERATIONS
 
 
 def direction_interventions(candidates: pa.Table) -> dict[str, tuple]:
@@ -67,7 +68,7 @@ def intervention_effects(
     clean_loss = completion_cross_entropy(loaded.model, loaded.tokenizer, texts, completions, None, settings.batch_size)
     kl, cross_entropy = {"none": 0.0}, {"none": 0.0}
     for intervention, _ in direction_interventions(refusal_directions).values():
-        identity = describe(intervention)[0]
+        identity = describe(intervention).id
         changed = answer_log_probs(loaded.model, loaded.tokenizer, texts, intervention, settings.batch_size)
         kl[identity] = float(kl_divergence(clean, changed).mean())
         loss = completion_cross_entropy(loaded.model, loaded.tokenizer, texts, completions, intervention, settings.batch_size)

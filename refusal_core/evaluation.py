@@ -13,7 +13,7 @@ from refusal_core.generation import generate_scored
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.judges import ClassifierJudge, SubstringJudge
 from refusal_core.scoring import refusal_score
-from refusal_core.tables import GENERATIONS
+from refusal_core.tables import GENERATIONS, INTERVENTION_FIELDS
 
 
 def judged_generations(
@@ -41,13 +41,14 @@ def judged_generations(
     by_substring = SubstringJudge().judge(completions)
     by_score = [bool(s > 0) for s in scores.tolist()]
     by_classifier = classifier.judge(list(instructions or prompts), completions) if classifier else [None] * len(prompts)
-    identity, kind, parameters = describe(intervention)
+    description = describe(intervention)
     n = len(prompts)
     return pa.Table.from_pydict(
         {
             "model_key": [model_key] * n, "prompt_id": list(prompt_ids), "label": list(labels),
-            "intervention_id": [identity] * n, "intervention_kind": [kind] * n,
-            "intervention_parameters": [parameters] * n, "max_new_tokens": [max_new_tokens] * n,
+            "intervention_id": [description.id] * n, "intervention_kind": [description.kind] * n,
+            "intervention_name": [description.name] * n, "intervention_parameters": [description.parameters] * n,
+            "feature_set": [description.feature_set] * n, "max_new_tokens": [max_new_tokens] * n,
             "completion": completions, "refused_substring": by_substring,
             "refusal_score": scores.tolist(), "refused_score": by_score,
             "refused_classifier": by_classifier,
@@ -89,6 +90,7 @@ def ratio_interval(changes: np.ndarray, baselines: np.ndarray, n_resamples: int 
     return point, low, high
 
 
+INTERVENTION_COLUMNS = [field.name for field in INTERVENTION_FIELDS]
 JUDGE_COLUMNS = {"substring": "refused_substring", "refusal_score": "refused_score", "classifier": "refused_classifier"}
 
 
@@ -111,9 +113,8 @@ def effect_rows(model_key: str, generations: Sequence[Mapping], kl: Mapping[str,
                 continue
             low, high = bootstrap_interval(verdicts, seed=seed)
             rows.append({
-                "model_key": model_key, "eval_set": label, "intervention_id": identity,
-                "intervention_kind": members[0]["intervention_kind"],
-                "intervention_parameters": members[0]["intervention_parameters"], "judge": judge,
+                "model_key": model_key, "eval_set": label,
+                **{column: members[0][column] for column in INTERVENTION_COLUMNS}, "judge": judge,
                 "n_prompts": len(members), "refusal_rate": sum(verdicts) / len(verdicts), "ci_low": low, "ci_high": high,
                 "mean_refusal_score": float(np.mean([m["refusal_score"] for m in members])),
                 "kl": kl.get(identity) if label == "harmless" else None,

@@ -10,13 +10,14 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import PrefixCache, left_padded, prefix_cache
+from refusal_core.layouts import layout_of
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every token that ends the assistant's turn: the generation config's EOS ids and the tokenizer's EOS."""
+    """Every token that ends the assistant's turn: the generation config's EOS ids, the tokenizer's EOS and the family's."""
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
-    for token in (tokenizer.eos_token, "<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+    for token in (tokenizer.eos_token, *layout_of(model).end_of_turn):
         token_id = tokenizer.convert_tokens_to_ids(token) if token else None
         if token_id is not None and token_id != tokenizer.unk_token_id and token_id not in ids:
             ids.append(token_id)

@@ -12,27 +12,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
 import huggingface_hub
+import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from sae_lens import SAE, LoggingConfig, StandardTrainingSAE, StandardTrainingSAEConfig
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
-from sae_lens.loading import pretrained_sae_loaders
+from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+from sae_lens.loading.pretrained_sae_loaders import get_conversion_loader_name, get_gemma_2_config_from_hf
+from sae_lens.loading.pretrained_sae_loaders import get_sae_lens_config_from_disk, read_sae_components_from_disk
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 from sae_lens.saes.sae import SAEMetadata
-from sae_lens.training import sae_trainer
 from sae_lens.training.sae_trainer import SAETrainer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import input_mask, prefix_cache, tokenize_batch
-from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual, untuple
+from refusal_core.hooks import HookFn, StopForward, check_layers, decoder_layers, hooks, record_residual
 from refusal_core.models import LoadedModel
 from refusal_core.registry import SaeSpec
 
@@ -147,14 +149,20 @@ def load_pretrained_sae(release: str, sae_id_template: str, layer: int, d_model:
     """Download (or read from the cache) an SAE of the sae-lens registry, checked against the model.
 
     The release and id are checked against the registry before anything is downloaded. sae-lens 6.54's
-    `SAE.from_pretrained` takes no revision, so every hub download its loader makes is pinned to `revision`.
+    loaders take no revision or cache folder, so the files are downloaded here, at `revision` into
+    `cache_dir`, by a converter for the release's format (`PINNED_FORMATS`) that `SAE.from_pretrained`
+    is given; it still applies the registry's config overrides and norm scaling factor. A release in
+    another format loads through sae-lens' own loader, only with no revision and the default cache.
     """
     sae_id = choose_sae_id(release, sae_id_template, layer, l0_target)
-    loader = pretrained_sae_loaders.NAMED_PRETRAINED_SAE_LOADERS[pretrained_sae_loaders.get_conversion_loader_name(release)]
-    download = partial(_pinned_download, revision=revision, cache_dir=cache_dir)
-    # The loaders call their module's hf_hub_download; it is swapped for the pinned one during this call only.
-    with mock.patch.object(pretrained_sae_loaders, "hf_hub_download", download):
-        sae = SAE.from_pretrained(release, sae_id, device=device, dtype="float32", converter=loader)
+    file_format = get_conversion_loader_name(release)
+    converter = None
+    if file_format in PINNED_FORMATS:
+        converter = partial(PINNED_FORMATS[file_format], revision=revision, cache_dir=cache_dir)
+    elif revision is not None or cache_dir is not None:
+        raise ValueError(f"Release {release!r} is in sae-lens' {file_format!r} format, which loads only from main into "
+                         f"the default cache; unset saes.revision, or use a release in a {'/'.join(PINNED_FORMATS)} format.")
+    sae = SAE.from_pretrained(release, sae_id, device=device, dtype="float32", converter=converter)
     _check_sae(sae, layer, d_model, f"{release}/{sae_id}")
     return LoadedSae(sae.eval(), layer, sae_id, f"pretrained:{release}/{sae_id}@{revision or 'main'}", _sha256(sae))
 
@@ -221,7 +229,7 @@ def train_saes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts
         architecture: "topk" (k active latents per token) or "standard" (ReLU with an L1 penalty).
         train_batch_size: tokens per optimiser step; small enough that the short runs here take a few hundred
             steps (at 4096, 150k tokens were 36 steps and explained variance stayed near 0.5).
-        progress: show progress bars (collection, layers and sae-lens' own training bar).
+        progress: show progress bars (collection, layers and each layer's training steps).
     """
     if architecture not in ("topk", "standard"):
         raise ValueError(f"architecture {architecture!r} is not supported; use 'topk' or 'standard'.")
@@ -256,10 +264,9 @@ def train_saes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, texts
     return folders
 
 
-@contextmanager
-def splice(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_first: int = 0,
-           edit: Callable[[Tensor], Tensor] | None = None) -> Iterator[None]:
-    """Replace the output of block `layer` by the SAE reconstruction while the block is open.
+def spliced(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_first: int = 0,
+            edit: Callable[[Tensor], Tensor] | None = None) -> tuple[str, HookFn]:
+    """The `(hook point, hook)` that replaces the output of block `layer` by the SAE reconstruction.
 
     `edit` maps the latents [batch, seq, d_sae] to the latents to decode (clamping, patching); without
     it they are decoded as encoded. With `use_error_term`, the reconstruction error x - sae(x) of the
@@ -278,7 +285,14 @@ def splice(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_fi
             edited = edited + (x - recon).detach()
         return edited.to(hidden.dtype)
 
-    with _replaced(model, layer, reconstruct, skip_first):
+    return _replacing(model, layer, reconstruct, skip_first)
+
+
+@contextmanager
+def splice(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_first: int = 0,
+           edit: Callable[[Tensor], Tensor] | None = None) -> Iterator[None]:
+    """`spliced`, applied while the block is open."""
+    with hooks(model, [spliced(model, sae, layer, use_error_term, skip_first, edit)]):
         yield
 
 
@@ -310,7 +324,7 @@ def sae_quality(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saes
         for layer, sae in saes.items():
             with splice(model, sae, layer, use_error_term=False, skip_first=skip_first):
                 totals[layer]["spliced"] += _summed_ce(model, inputs, predicts, targets)
-            with _replaced(model, layer, torch.zeros_like, skip_first):
+            with hooks(model, [_replacing(model, layer, torch.zeros_like, skip_first)]):
                 totals[layer]["zero"] += _summed_ce(model, inputs, predicts, targets)
             x = recorded[layer][keep].float()  # [n, d_model]
             acts = sae.encode(x)  # [n, d_sae]
@@ -374,13 +388,77 @@ def _release(release: str):
     return directory[release]
 
 
-def _pinned_download(*args, revision: str | None, cache_dir: Path | None, **kwargs) -> str:
-    """hf_hub_download with the study's revision and cache folder, unless the loader set them itself."""
-    if kwargs.get("revision") is None:
-        kwargs["revision"] = revision
-    if kwargs.get("cache_dir") is None and cache_dir is not None:
-        kwargs["cache_dir"] = cache_dir
-    return huggingface_hub.hf_hub_download(*args, **kwargs)
+def _hub_file(repo_id: str, filename: str, revision: str | None, cache_dir: Path | None, force_download: bool) -> Path:
+    """One file of a hub repository at `revision` (None: main), downloaded into `cache_dir` (None: the default cache)."""
+    return Path(huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename, revision=revision,
+                                                cache_dir=cache_dir, force_download=force_download))
+
+
+# The converters below follow sae-lens 6.54's `PretrainedSaeHuggingfaceLoader` protocol (what
+# `SAE.from_pretrained(converter=...)` calls) and return what the loader of the same format returns,
+# less the feature sparsity, which `from_pretrained` drops.
+
+def _sae_lens_format(repo_id: str, folder_name: str, device: str = "cpu", force_download: bool = False,
+                     cfg_overrides: dict | None = None, *, revision: str | None = None,
+                     cache_dir: Path | None = None) -> tuple[dict, dict[str, Tensor], None]:
+    """sae-lens' own format: FOLDER/cfg.json and FOLDER/sae_weights.safetensors."""
+    download = partial(_hub_file, repo_id, revision=revision, cache_dir=cache_dir, force_download=force_download)
+    cfg_path = download(f"{folder_name}/{SAE_CFG_FILENAME}")
+    weights_path = download(f"{folder_name}/{SAE_WEIGHTS_FILENAME}")
+    cfg = get_sae_lens_config_from_disk(cfg_path.parent, device, cfg_overrides)
+    return (*read_sae_components_from_disk(cfg, weights_path, device), None)
+
+
+def _gemma_scope_format(repo_id: str, folder_name: str, device: str = "cpu", force_download: bool = False,
+                        cfg_overrides: dict | None = None, *, revision: str | None = None,
+                        cache_dir: Path | None = None) -> tuple[dict, dict[str, Tensor], None]:
+    """Gemma Scope: FOLDER/params.npz (w_enc, w_dec, b_enc, b_dec, threshold); the config comes from the names."""
+    # sae-lens builds this config from the repository and folder names alone; it downloads nothing.
+    cfg = get_gemma_2_config_from_hf(repo_id, folder_name, device, force_download, cfg_overrides)
+    path = _hub_file(repo_id, f"{folder_name}/params.npz", revision, cache_dir, force_download)
+    with np.load(path) as data:
+        state = {("W_" + key[2:] if key.startswith("w_") else key): torch.tensor(data[key], dtype=torch.float32, device=device)
+                 for key in data}
+    scaling = state.pop("scaling_factor", None)
+    if scaling is not None and not torch.allclose(scaling, torch.ones_like(scaling)):
+        raise ValueError(f"{repo_id}/{folder_name} has a fine-tuning scaling factor, which Gemma Scope SAEs do not; "
+                         "use another SAE of the release.")
+    cfg["finetuning_scaling_factor"] = False
+    if "embedding" in folder_name:  # as sae-lens does: embedding SAEs were trained on embeddings scaled by sqrt(d_model)
+        state["W_enc"] = state["W_enc"] / cfg["d_in"] ** 0.5
+        state["W_dec"] = state["W_dec"] * cfg["d_in"] ** 0.5
+    return cfg, state, None
+
+
+def _llama_scope_format(repo_id: str, folder_name: str, device: str = "cpu", force_download: bool = False,
+                        cfg_overrides: dict | None = None, *, revision: str | None = None,
+                        cache_dir: Path | None = None) -> tuple[dict, dict[str, Tensor], None]:
+    """Llama Scope: FOLDER/hyperparams.json and FOLDER/checkpoints/final.safetensors, converted as sae-lens does."""
+    download = partial(_hub_file, repo_id, revision=revision, cache_dir=cache_dir, force_download=force_download)
+    hyper = json.loads(download(f"{folder_name}/hyperparams.json").read_text())
+    d_in = hyper["d_model"]
+    # from_pretrained folds the release's norm scaling factor into W_enc; the scalar threshold is scaled to match.
+    norm_scaling_factor = d_in ** 0.5 / hyper["dataset_average_activation_norm"]["in"]
+    cfg = {
+        "architecture": "jumprelu", "jump_relu_threshold": hyper["jump_relu_threshold"] * norm_scaling_factor,
+        "d_in": d_in, "d_sae": hyper["d_sae"], "dtype": "bfloat16", "model_name": "meta-llama/Llama-3.1-8B",
+        "hook_name": hyper["hook_point_in"], "hook_head_index": None, "activation_fn": "relu",
+        "finetuning_scaling_factor": False, "sae_lens_training_version": None, "prepend_bos": True,
+        "dataset_path": "cerebras/SlimPajama-627B", "context_size": 1024, "dataset_trust_remote_code": True,
+        "apply_b_dec_to_input": False, "normalize_activations": "expected_average_only_in", "device": device,
+        **(cfg_overrides or {}),
+    }
+    weights_path = download(f"{folder_name}/checkpoints/final.safetensors")
+    dtype = getattr(torch, cfg["dtype"])
+    raw = {name: tensor.to(dtype) for name, tensor in load_file(weights_path, device=device).items()}
+    state = {"W_enc": raw["encoder.weight"].T, "W_dec": raw["decoder.weight"].T, "b_enc": raw["encoder.bias"],
+             "b_dec": raw["decoder.bias"],
+             "threshold": torch.ones(cfg["d_sae"], dtype=dtype, device=cfg["device"]) * cfg["jump_relu_threshold"]}
+    return cfg, state, None
+
+
+PINNED_FORMATS = {"sae_lens": _sae_lens_format, "gemma_2": _gemma_scope_format, "llama_scope": _llama_scope_format}
+"""sae-lens release formats (the registry's conversion_func) whose files are downloaded here at a pinned revision."""
 
 
 def _check_sae(sae: SAE, layer: int, d_model: int, name: str) -> None:
@@ -449,6 +527,7 @@ def _train_layer(sae: TopKTrainingSAE | StandardTrainingSAE, buffer: Tensor, fol
         device=device, n_checkpoints=n_checkpoints, checkpoint_path=str(checkpoints),
         logger=LoggingConfig(log_to_wandb=False),
     )
+    # The batches are not the trainer's data provider: _fit feeds them, from the resumed position on.
     trainer = SAETrainer(config, sae, data_provider=iter(()), save_checkpoint_fn=_keep_latest)
     if (latest := _latest_checkpoint(checkpoints)) is not None:
         try:
@@ -463,10 +542,7 @@ def _train_layer(sae: TopKTrainingSAE | StandardTrainingSAE, buffer: Tensor, fol
         # ActivationScaler.estimate_scaling_factor's formula, over the whole buffer rather than batches drawn
         # from the data provider, so the provider's position stays the sample count.
         trainer.activation_scaler.scaling_factor = buffer.shape[1] ** 0.5 / float(buffer.norm(dim=-1).mean())
-    trainer.data_provider = _batches(buffer, batch_size, settings["seed"], trainer.n_training_samples)
-    quiet = partial(tqdm, disable=not progress)
-    with mock.patch.object(sae_trainer, "tqdm", quiet):
-        trainer.fit()
+    _fit(trainer, _batches(buffer, batch_size, settings["seed"], trainer.n_training_samples), progress, folder.name)
     finished = partial_folder / "sae"
     shutil.rmtree(finished, ignore_errors=True)
     sae.save_inference_model(finished)
@@ -474,6 +550,33 @@ def _train_layer(sae: TopKTrainingSAE | StandardTrainingSAE, buffer: Tensor, fol
     shutil.rmtree(folder, ignore_errors=True)
     finished.rename(folder)
     shutil.rmtree(partial_folder)
+
+
+def _fit(trainer: SAETrainer, batches: Iterator[Tensor], progress: bool, name: str) -> None:
+    """`SAETrainer.fit` without wandb, with a progress bar that `progress` turns off (fit's own cannot be).
+
+    The trainer is driven through the calls sae-lens documents for outside coordinators (its
+    MultiSAETrainer uses the same): `maybe_reset_sparsity`, `step`, `save_checkpoint` at the thresholds
+    in `checkpoint_thresholds`, then the activation scale folded into the weights and
+    `set_final_sae_metadata`. The scale must already be set (estimated, or restored from a checkpoint).
+    """
+    sae, total = trainer.sae, trainer.cfg.total_training_samples
+    sae.to(trainer.cfg.device)
+    if trainer.activation_scaler.scaling_factor is None:
+        raise ValueError(f"SAE {name} has no activation scale to train with; set it before training.")
+    with tqdm(total=total, initial=trainer.n_training_samples, desc=f"train {name}", unit="token", disable=not progress) as bar:
+        while trainer.n_training_samples < total:
+            trainer.maybe_reset_sparsity()
+            before = trainer.n_training_samples
+            trainer.step(next(batches))  # [train_batch_size, d_model]
+            if trainer.checkpoint_thresholds and trainer.n_training_samples > trainer.checkpoint_thresholds[0]:
+                trainer.save_checkpoint(checkpoint_name=str(trainer.n_training_samples))
+                trainer.checkpoint_thresholds.pop(0)
+            trainer.n_training_steps += 1
+            bar.update(trainer.n_training_samples - before)
+    sae.fold_activation_norm_scaling_factor(trainer.activation_scaler.scaling_factor)
+    trainer.activation_scaler.scaling_factor = None
+    trainer.set_final_sae_metadata()
 
 
 def _batches(buffer: Tensor, batch_size: int, seed: int, start: int) -> Iterator[Tensor]:
@@ -512,27 +615,17 @@ def _summed_ce(model: nn.Module, inputs: dict[str, Tensor], predicts: Tensor, ta
     return F.cross_entropy(logits[:, :-1][predicts].float(), targets, reduction="sum").item()
 
 
-@contextmanager
-def _replaced(model: nn.Module, layer: int, replace: Callable[[Tensor], Tensor], skip_first: int) -> Iterator[None]:
-    """Replace the output of block `layer` by `replace(output)` at positions with position id >= skip_first."""
-    blocks = decoder_layers(model)
-    check_layers([layer], len(blocks))
+def _replacing(model: nn.Module, layer: int, replace: Callable[[Tensor], Tensor], skip_first: int) -> tuple[str, HookFn]:
+    """The hook that replaces the output of block `layer` by `replace(output)` at positions with position id >= skip_first."""
+    check_layers([layer], len(decoder_layers(model)))
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict, output: Tensor | tuple) -> Tensor | tuple:
-        hidden = untuple(output)  # [batch, seq, d_model]
+    def hook(hidden: Tensor, positions: Tensor | None) -> Tensor:
         new = replace(hidden)  # [batch, seq, d_model]
         if skip_first > 0:
-            if kwargs.get("position_ids") is None:
+            if positions is None:
                 raise ValueError(f"Block {layer} got no position_ids, so the first {skip_first} tokens cannot be "
                                  "told apart; pass skip_first=0.")
-            new = torch.where((kwargs["position_ids"] >= skip_first).unsqueeze(-1), new, hidden)
-        return (new, *output[1:]) if isinstance(output, tuple) else new
+            new = torch.where((positions >= skip_first).unsqueeze(-1), new, hidden)
+        return new
 
-    handle = None
-    try:
-        # hooks.hooked registers without kwargs; the position ids are needed here, so the hook is registered directly.
-        handle = blocks[layer].register_forward_hook(hook, with_kwargs=True)
-        yield
-    finally:
-        if handle is not None:
-            handle.remove()
+    return f"resid_post.{layer}", hook

@@ -12,9 +12,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import last_index, prefix_cache, tokenize_batch
 from refusal_core.interventions import Intervention, intervene
+from refusal_core.layouts import REFUSAL_WORDS
 
-REFUSAL_WORDS = ("I", "As", "Sorry", "Unfortunately")
-"""First words of refusals ("I cannot", "As an AI", ...); their first tokens are the refusal tokens."""
 
 
 def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str] = REFUSAL_WORDS) -> list[int]:

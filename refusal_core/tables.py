@@ -1,18 +1,11 @@
-"""Parquet schemas of every table, and the one way tables are hashed, spooled and written."""
+"""Every table of the warehouse: its Parquet schema, and the catalogue that names, describes and versions it."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
-
-from refusal_core.storage import Location, arrow_source, owned_temporary, write_atomically
 
 
 def _field(name: str, type_: pa.DataType, description: str, nullable: bool = False) -> pa.Field:
@@ -49,8 +42,10 @@ ACTIVATIONS = pa.schema(
 
 INTERVENTION_FIELDS = [
     _field("intervention_id", pa.string(), "Id of the intervention active while generating (kind + hash); none for baseline."),
-    _field("intervention_kind", pa.string(), "none, ablate, add, clamp (SAE latents multiplied or set) or compose."),
+    _field("intervention_kind", pa.string(), "none, ablate, add, clamp (SAE latents multiplied), induce (SAE latents set), head_ablate, head_patch or compose."),
+    _field("intervention_name", pa.string(), "Readable name, e.g. 'clamp cossim_ap ×-1' or 'ablate direction'; none for baseline."),
     _field("intervention_parameters", pa.string(), "The intervention's parameters as canonical JSON."),
+    _field("feature_set", pa.string(), "Feature set a clamp or induce edits (cossim_ap, random, upstream, ...); null otherwise.", True),
 ]
 
 GENERATIONS = pa.schema(
@@ -66,6 +61,17 @@ GENERATIONS = pa.schema(
         _field("refused_score", pa.bool_(), "Refusal-score judge: refusal_score > 0."),
         _field("refused_classifier", pa.bool_(), "Classifier judge's verdict; null when the study names none.", True),
         _field("judges_disagree", pa.bool_(), "The judges that gave a verdict do not all agree."),
+    ]
+)
+
+PROMPT_BEHAVIOUR = pa.schema(
+    [
+        MODEL_KEY,
+        _field("prompt_id", pa.string(), "A prompt with stored activations (the activations table)."),
+        _field("label", pa.string(), "The prompt's label."),
+        _field("split", pa.string(), "The prompt's split (train or val)."),
+        _field("refusal_score", pa.float32(), "log P(refusal token) - log P(other) at the first answer position, no intervention."),
+        _field("refused", pa.bool_(), "refusal_score > 0: the model starts its answer with a refusal."),
     ]
 )
 
@@ -313,7 +319,11 @@ LINEAGE = pa.schema(
         _field("sae_source", pa.string(), "SAE release or path; empty when no SAE is involved."),
         _field("sae_sha256", pa.string(), "sha256 of the SAE weights; empty when no SAE is involved."),
         _field("prompt_set_sha256", pa.string(), "content_sha256 of the prompt set used; empty if none."),
-        _field("code_version", pa.string(), "Package version plus a hash of the refusal_core sources."),
+        _field("code_version", pa.string(), "Hash of the code the asset runs: its module, the project modules it imports "
+               "(transitively), the data files they name, and its table's catalogue entry."),
+        _field("package_versions", pa.string(), "JSON object: refusal-sae, torch, transformers, sae-lens and dagster versions."),
+        _field("device", pa.string(), "Device the model ran on (cpu, cuda:0, mps); empty when no model is involved."),
+        _field("dtype", pa.string(), "The model's dtype (torch.float32, torch.bfloat16); empty when no model is involved."),
         _field("run_id", pa.string(), "Dagster run that wrote the artifact."),
         _field("created_at", pa.string(), "UTC time of writing, ISO 8601."),
         _field("upstream", pa.string(), "JSON object: upstream artifact name to its content_sha256."),
@@ -329,121 +339,61 @@ def activations_schema(d_model: int) -> pa.Schema:
     return ACTIVATIONS.set(index, field.with_type(pa.list_(pa.float32(), d_model)))
 
 
+SCHEMA_VERSION_KEY = "refusal_sae.schema_version"
+"""Parquet key-value metadata key holding the schema version a file was written with (absent: version 1)."""
+
+
 @dataclass(frozen=True)
-class Spool:
-    """A table staged in an Arrow IPC file, hashed as it was written, waiting to be published."""
+class Table:
+    """A table of the warehouse: one asset's output, under <root>/<name>/model=<study>/."""
 
-    path: Path
-    """The Arrow IPC stream file holding the rows."""
+    name: str
+    """Asset and view name."""
     schema: pa.Schema
-    """The table's schema."""
-    sha256: str
-    """Hash of the serialized record batches, in order: the table's content hash."""
-    row_count: int
-    """Number of rows."""
-    lineage: Mapping[str, str]
-    """Lineage fields the producer knows (model source and sha, prompt set hash, upstream, settings)."""
+    """Columns, each with its description."""
+    description: str
+    """What one row is, in one line."""
+    needs_model: bool
+    """Making the table loads the study's model."""
+    version: int = 1
+    """Bump it when the columns or their meaning change: files written with another version are refused."""
 
-    def batches(self) -> Iterator[pa.RecordBatch]:
-        """Read the rows back one record batch at a time."""
-        with pa.memory_map(str(self.path)) as source:
-            yield from ipc.open_stream(source)
+    def file_metadata(self) -> dict[str, str]:
+        """The key-value metadata every file of this table carries: its schema version."""
+        return {SCHEMA_VERSION_KEY: str(self.version)}
 
-
-def spool(
-    batches: Iterable[pa.RecordBatch | pa.Table],
-    schema: pa.Schema,
-    directory: Path,
-    lineage: Mapping[str, str] | None = None,
-) -> Spool:
-    """Write `batches` to an IPC file in `directory`, checking them against `schema` and hashing them.
-
-    Batches are written as they come, so memory stays bounded by one batch. A column that is
-    not in `schema` is an error rather than being dropped silently.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    path = owned_temporary(directory, "spool", ".arrows")
-    digest = hashlib.sha256()
-    rows = 0
-    try:
-        with pa.OSFile(str(path), "wb") as sink, ipc.new_stream(sink, schema) as writer:
-            for item in batches:
-                for batch in _as_batches(item):
-                    batch = _conform(batch, schema)
-                    digest.update(_serialize(batch))
-                    writer.write_batch(batch)
-                    rows += batch.num_rows
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    return Spool(path, schema, digest.hexdigest(), rows, dict(lineage or {}))
+    def mismatch(self, metadata: Mapping[str, str], study: str) -> str | None:
+        """The sentence refusing a file of this table with `metadata` (its key-value metadata), or None if it is current."""
+        written = int(metadata.get(SCHEMA_VERSION_KEY, "1"))
+        if written == self.version:
+            return None
+        return (f"{self.name} of study {study} was written with schema version {written} of table {self.name} "
+                f"(this code reads version {self.version}); re-run `refusal-sae run --study {study} --from {self.name}`.")
 
 
-def table_sha256(table: pa.Table) -> str:
-    """Content hash of an in-memory table, equal to the hash `spool` gives the same batches."""
-    digest = hashlib.sha256()
-    for batch in table.to_batches():
-        digest.update(_serialize(batch))
-    return digest.hexdigest()
-
-
-def write_parquet(
-    path: Location,
-    schema: pa.Schema,
-    batches: Iterable[pa.RecordBatch],
-    metadata: Mapping[str, str],
-) -> None:
-    """Write batches to `path` (a local path or an object-store URL) atomically.
-
-    `metadata` is stored as the file's key-value metadata. An interrupted write leaves the old
-    file (or nothing) in place, never a truncated one.
-    """
-    schema = schema.with_metadata({**(schema.metadata or {}), **{k: str(v) for k, v in metadata.items()}})
-
-    def write(temporary: Path) -> None:
-        with pq.ParquetWriter(str(temporary), schema, compression="zstd") as writer:
-            for batch in batches:
-                writer.write_batch(batch.replace_schema_metadata(schema.metadata))
-
-    write_atomically(path, write)
-
-
-def read_parquet(path: Location) -> pa.Table:
-    """Read a table written by `write_parquet` (memory-mapped when local), with its key-value metadata."""
-    if not path.exists():
-        raise FileNotFoundError(f"No table at {path}: materialize its asset first.")
-    source, filesystem = arrow_source(path)
-    return pq.read_table(source, filesystem=filesystem, memory_map=filesystem is None)
-
-
-def file_metadata(path: Location) -> dict[str, str]:
-    """The key-value metadata of a Parquet file, decoded, without reading its rows."""
-    source, filesystem = arrow_source(path)
-    raw = pq.read_schema(source, filesystem=filesystem).metadata or {}
-    return {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"ARROW")}
-
-
-def to_json(value: Mapping[str, object]) -> str:
-    """Canonical JSON (sorted keys, no spaces) for settings and upstream maps stored in tables."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def _as_batches(item: pa.RecordBatch | pa.Table) -> list[pa.RecordBatch]:
-    return item.to_batches() if isinstance(item, pa.Table) else [item]
-
-
-def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    extra = set(batch.schema.names) - set(schema.names)
-    if extra:
-        raise ValueError(f"Columns {sorted(extra)} are not in the table schema {schema.names}.")
-    missing = set(schema.names) - set(batch.schema.names)
-    if missing:
-        raise ValueError(f"Columns {sorted(missing)} are missing; the table schema is {schema.names}.")
-    return pa.RecordBatch.from_arrays(
-        [batch.column(name).cast(schema.field(name).type) for name in schema.names], schema=schema
-    )
-
-
-def _serialize(batch: pa.RecordBatch) -> bytes:
-    # The schema metadata is dropped so that lineage metadata never changes the content hash.
-    return batch.replace_schema_metadata(None).serialize().to_pybytes()
+TABLES = {table.name: table for table in [
+    Table("prompts", PROMPTS, "One row per prompt: text, source, label, category, jailbreak method and hash split.", False),
+    Table("activations", ACTIVATIONS, "Residual stream of train and val prompts per layer and post-instruction position.", True),
+    Table("prompt_behaviour", PROMPT_BEHAVIOUR, "Refusal score at the first answer token of every prompt with stored activations.", True),
+    Table("baseline_generations", GENERATIONS, "Judged greedy answers to the test-split eval prompts.", True, version=2),
+    Table("refusal_directions", DIRECTION_CANDIDATES, "Candidate refusal directions per layer and position; one selected.", True),
+    Table("category_directions", DIRECTIONS, "Directions per harm category, over-refusal and harmfulness, with cosines.", False),
+    Table("saes", SAE_QUALITY, "The study's SAEs per layer and their reconstruction quality.", True),
+    Table("intervention_generations", GENERATIONS, "Judged answers with the refusal direction ablated or added.", True, version=2),
+    Table("intervention_effects", EFFECTS, "Refusal rates, KL and cross-entropy change per direction intervention.", True, version=2),
+    Table("latent_attributions", LATENT_ATTRIBUTIONS, "Candidate latents' cosine, activation difference, attribution and rank.", True),
+    Table("feature_sets", FEATURE_SETS, "The latents of each feature set (cossim_ap, cosine, ..., random).", True),
+    Table("feature_cards", FEATURE_CARDS, "Each selected latent's scores, sets, top prompts and Neuronpedia page.", True),
+    Table("feature_generations", GENERATIONS, "Judged answers with each feature set clamped or induced.", True, version=2),
+    Table("feature_effects", EFFECTS, "Refusal rates per feature-set intervention.", False, version=2),
+    Table("refusal_along_sequence", SEQUENCE_PROJECTIONS, "Projection on the refusal direction per layer and position.", True),
+    Table("feature_edges", FEATURE_EDGES, "Effect of clamping an upstream latent on each refusal feature.", True),
+    Table("jailbreak_generations", GENERATIONS, "Judged answers to jailbreaks and the base prompts they wrap.", True, version=2),
+    Table("eval_activations", ACTIVATIONS, "The activations readout of every prompt with a judged answer.", True),
+    Table("jailbreak_analysis", JAILBREAK_PAIRS, "Refusal features and directions on each (base prompt, jailbreak) pair.", True),
+    Table("jailbreak_summary", JAILBREAK_SUMMARY, "Mean refusal-feature drop of succeeded vs failed jailbreaks per family.", False),
+    Table("refusal_probes", PROBE_RESULTS, "Accuracy and AUROC of refusal probes per input and test set.", True),
+    Table("latent_guard", LATENT_GUARD, "Share flagged harmful by direction thresholds and the judge per eval set.", False),
+    Table("lineage", LINEAGE, "Where each artifact of each study came from: inputs, code, packages, device.", False, version=2),
+]}
+"""Every table, by name: the warehouse views, the IO manager's version checks and the tests come from it."""

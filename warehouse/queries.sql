@@ -52,7 +52,7 @@ LEFT JOIN (
            max(CASE WHEN intervention_kind = 'clamp' THEN round(refusal_rate, 3) END) AS harmful_clamped,
            max(CASE WHEN intervention_kind = 'induce' THEN round(refusal_rate, 3) END) AS harmless_induced
     FROM feature_effects
-    WHERE judge = 'substring' AND json_extract_string(intervention_parameters, '$.parts[0].feature_set') = 'cossim_ap'
+    WHERE judge = 'substring' AND feature_set = 'cossim_ap'
     GROUP BY model
 ) f USING (model)
 WHERE e.judge = 'substring'
@@ -84,7 +84,7 @@ FROM (
     FROM intervention_effects
     UNION ALL
     SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
-           intervention_kind || ' ' || json_extract_string(intervention_parameters, '$.parts[0].feature_set') AS method
+           intervention_kind || ' ' || feature_set AS method
     FROM feature_effects
 )
 ORDER BY model, judge, eval_set, method;

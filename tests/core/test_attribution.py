@@ -4,8 +4,8 @@ import torch
 from refusal_core.activations import tokenize_batch
 from refusal_core.attribution import attribution_patching, decoder_cosines, encode_rows
 from refusal_core.generation import generate
-from refusal_core.hooks import decoder_layers, hooked, record_residual, untuple
-from refusal_core.interventions import Ablate, Clamp, Compose, describe, intervene
+from refusal_core.hooks import hooks, record_residual
+from refusal_core.interventions import Ablate, Clamp, SaeLatents, describe, intervene
 from refusal_core.saes import splice
 from tests.tiny import load_tiny, random_sae
 
@@ -44,22 +44,27 @@ def test_clamp_subtracts_exactly_the_decoded_change_of_the_chosen_latents(qwen, 
     latents = sae.encode(hidden)  # [batch, seq, d_sae]
     chosen = (3, 17, 40)
     expected = hidden + (-2.0 - 1.0) * latents[..., list(chosen)] @ sae.W_dec[list(chosen)]
-    clamp = Clamp(sae, "f" * 64, 1, chosen, factor=-2.0)
+    clamp = Clamp((SaeLatents(1, sae, "f" * 64, chosen),), factor=-2.0)
     with torch.no_grad(), intervene(model, clamp), record_residual(model, [1]) as clamped:
         model(**inputs)
     assert torch.allclose(clamped[1], expected, atol=1e-4)
     assert not torch.allclose(clamped[1], hidden, atol=1e-3)
-    with torch.no_grad(), intervene(model, Clamp(sae, "f" * 64, 1, chosen, factor=1.0)):
-        assert torch.allclose(_logits(model, inputs), _logits(model, inputs), atol=1e-5)
+    # Factor 1 keeps the latents, and the error term keeps the rest: the model's logits are the clean ones.
+    clean_logits = _logits(model, inputs)
+    with intervene(model, Clamp((SaeLatents(1, sae, "f" * 64, chosen),), factor=1.0)):
+        kept = _logits(model, inputs)
+    with intervene(model, clamp):
+        changed = _logits(model, inputs)
+    assert torch.allclose(kept, clean_logits, atol=1e-4)
+    assert not torch.allclose(changed, clean_logits, atol=1e-3)  # the same comparison does see a real clamp
 
 
 def test_setting_latents_sets_them_at_every_position_after_the_prefix_during_generation(qwen, sae):
     model, tokenizer = qwen
-    clamp = Clamp(sae, "f" * 64, 1, (5, 9), values=(4.0, 2.5), skip_first=2)
+    clamp = Clamp((SaeLatents(1, sae, "f" * 64, (5, 9), values=(4.0, 2.5)),), skip_first=2, feature_set="planted")
     before, after = [], []
-    block = decoder_layers(model)[1]
-    with hooked(block, lambda module, args, output: before.append(untuple(output).detach())), intervene(model, clamp), \
-            hooked(block, lambda module, args, output: after.append(untuple(output).detach())):
+    with hooks(model, [("resid_post.1", lambda hidden, positions: before.append(hidden.detach()))]), \
+            intervene(model, clamp), hooks(model, [("resid_post.1", lambda hidden, positions: after.append(hidden.detach()))]):
         answers = generate(model, tokenizer, PROMPTS[:2], max_new_tokens=4)
     assert len(answers) == 2 and len(after) >= 4  # the prompt pass and one pass per generated token
     values = torch.tensor([4.0, 2.5])
@@ -71,17 +76,20 @@ def test_setting_latents_sets_them_at_every_position_after_the_prefix_during_gen
         else:  # the prompt pass: each prompt's first two tokens (and padding) are the prefix and stay as they were
             past_prefix = tokenize_batch(tokenizer, PROMPTS[:2], torch.device("cpu"))["position_ids"] >= 2
             assert torch.allclose(clamped, torch.where(past_prefix[..., None], expected, clean), atol=1e-4)
-    identity, kind, parameters = describe(Compose((clamp,), kind="clamp"))
-    assert kind == "clamp" and '"values":[4.0,2.5]' in parameters and identity.startswith("clamp-")
+    described = describe(clamp)
+    assert described.kind == "induce" and described.name == "induce planted" and described.feature_set == "planted"
+    assert '"values":[4.0,2.5]' in described.parameters and described.id.startswith("induce-")
 
 
 def test_clamp_rejects_bad_latents(sae):
     with pytest.raises(ValueError, match="0..127"):
-        Clamp(sae, "f" * 64, 1, (128,), factor=-1.0)
+        SaeLatents(1, sae, "f" * 64, (128,))
     with pytest.raises(ValueError, match="exactly one"):
-        Clamp(sae, "f" * 64, 1, (1,))
+        Clamp((SaeLatents(1, sae, "f" * 64, (1,)),))
+    with pytest.raises(ValueError, match="exactly one"):
+        Clamp((SaeLatents(1, sae, "f" * 64, (1,), values=(2.0,)),), factor=-1.0)
     with pytest.raises(ValueError, match="one per latent"):
-        Clamp(sae, "f" * 64, 1, (1, 2), values=(1.0,))
+        SaeLatents(1, sae, "f" * 64, (1, 2), values=(1.0,))
 
 
 def test_integrated_gradients_add_up_to_the_effect_of_patching_the_layer(qwen, sae):

@@ -7,7 +7,9 @@ import pytest
 from pipelines.cli import failure_message
 from pipelines.definitions import ASSETS, build_definitions, study_job
 from pipelines.partitions import studies
-from refusal_core.tables import file_metadata
+from pipelines.schedules import stale_studies_schedule
+from refusal_core.parquet import file_metadata
+from refusal_core.tables import TABLES
 
 
 @pytest.fixture
@@ -27,6 +29,9 @@ def test_definitions_load():
     assert {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} == {
         a.key.to_user_string() for a in ASSETS}
     assert defs.resolve_job_def("study") is not None
+    # The catalogue names every table an asset writes, and the assets that load the model run in the gpu pool.
+    assert {a.key.path[-1] for a in ASSETS} ^ set(TABLES) == {"figures", "report", "lineage"}
+    assert {a.key.path[-1] for a in ASSETS if a.op.pool == "gpu"} == {t.name for t in TABLES.values() if t.needs_model}
 
 
 @pytest.mark.parametrize("key", ["tiny-qwen2", "tiny-gemma2"])
@@ -52,6 +57,11 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert lineage["run_id"] == result.run_id
         event = instance.get_latest_materialization_event(dg.AssetKey("activations"))
         assert event.asset_materialization.tags["dagster/data_version"] == lineage["content_sha256"]
+        assert event.asset_materialization.tags["dagster/code_version"] == lineage["code_version"]
+        assert (lineage["device"], lineage["dtype"]) == ("cpu", "torch.float32") and "torch" in json.loads(lineage["package_versions"])
+        for name, table in TABLES.items():
+            paths = list((warehouse / name / f"model={key}").glob("*.parquet"))
+            assert paths and all(table.mismatch(file_metadata(path), key) is None for path in paths), name
         assert event.asset_materialization.metadata["dagster/row_count"].value == activations.num_rows
         assert not list((warehouse / ".staging").iterdir())
         _check_direction_tables(warehouse, key)
@@ -176,8 +186,8 @@ def _check_feature_tables(warehouse, key):
         (r["layer_index"], r["latent_index"]) for r in sets if r["feature_set"] != "random"}
     assert all(c["neuronpedia_url"] is None and len(c["top_prompts"]) <= 5 for c in cards)
     generated = read("feature_generations").to_pylist()
-    kinds = {(r["intervention_kind"], json.loads(r["intervention_parameters"])["parts"][0]["feature_set"], r["label"])
-             for r in generated}
+    kinds = {(r["intervention_kind"], r["feature_set"], r["label"]) for r in generated}
+    assert {r["intervention_name"] for r in generated if r["feature_set"] == "cossim_ap"} == {"clamp cossim_ap ×-1", "induce cossim_ap"}
     edges = read("feature_edges").to_pylist()
     upstream = {(r["upstream_layer"], r["upstream_latent"]) for r in edges if r["in_upstream_set"]}
     assert upstream or key != "tiny-qwen2", "the tiny qwen2 study's clamping finds an upstream latent"
@@ -185,8 +195,7 @@ def _check_feature_tables(warehouse, key):
     assert kinds == {("clamp", name, "harmful") for name in clamped} | {("induce", "cossim_ap", "harmless"),
                                                                        ("induce", "random", "harmless")}
     if upstream:
-        parts = next(json.loads(r["intervention_parameters"])["parts"] for r in generated
-                     if json.loads(r["intervention_parameters"])["parts"][0]["feature_set"] == "upstream")
+        parts = next(json.loads(r["intervention_parameters"])["layers"] for r in generated if r["feature_set"] == "upstream")
         assert {(part["layer"], latent) for part in parts for latent in part["latents"]} == upstream
     effects = read("feature_effects").to_pylist()
     assert len(effects) == 2 * (len(clamped) + 2) and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
@@ -284,6 +293,13 @@ def test_schedule_reruns_only_studies_whose_entry_changed(tiny_registry, warehou
         assert isinstance(tick(instance), dg.SkipReason)
         tiny_registry.write_text(tiny_registry.read_text().replace("max_new_tokens = 6", "max_new_tokens = 5", 1))
         assert [r.partition_key for r in tick(instance)] == ["tiny-qwen2"]
+        # An edit to the code of one asset re-runs it and what is downstream of it, not the whole study.
+        edited = [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version="edited"))
+                  if a.key == dg.AssetKey("feature_edges") else a for a in ASSETS]
+        schedule = stale_studies_schedule(study_job.name, edited)
+        requests = {r.partition_key: r for r in tick(instance)}
+        assert requests["tiny-qwen2"].asset_selection is None  # its entry changed: the whole study
+        assert {k.to_user_string() for k in requests["tiny-gemma2"].asset_selection} == {"feature_edges", "figures", "report"}
 
 
 def test_layer_out_of_range_fails_the_step_and_writes_nothing(tiny_registry, warehouse):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 import torch
 from sae_lens import SAE
 from torch import Tensor
@@ -13,9 +14,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import input_mask, prefix_cache, tokenize_batch
 from refusal_core.hooks import record_residual
-from refusal_core.interventions import Intervention, intervene
+from refusal_core.interventions import Ablate, Intervention, intervene
 from refusal_core.saes import splice
 from refusal_core.scoring import last_logits
+from refusal_core.tables import LATENT_ATTRIBUTIONS
 
 
 @dataclass(frozen=True)
@@ -113,3 +115,111 @@ def attribution_patching(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
 def _metric(logits: Tensor, compliance: Tensor, refusal: Tensor) -> Tensor:
     """logit(compliance) - logit(refusal) per row of logits [batch, vocab]: [batch]."""
     return logits.gather(-1, compliance[:, None])[:, 0] - logits.gather(-1, refusal[:, None])[:, 0]
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """One layer's latent scores, the inputs of every ranking."""
+
+    cosine: Tensor
+    """[d_sae] float64: decoder cosine with the refusal direction."""
+    difference: Tensor
+    """[d_sae] float64: mean activation on harmful minus harmless prompts, over prompts and post-instruction positions."""
+    attribution: Tensor
+    """[n_prompts, d_sae] float64: attribution-patching score on each attribution prompt."""
+
+
+@dataclass(frozen=True)
+class LatentRanking:
+    """Candidate latents of every layer and their CosSim+AP rank: the LATENT_ATTRIBUTIONS table.
+
+    A layer's candidates are its top `max(cosine_top_k, set_size)` latents by decoder cosine and its top
+    `set_size` by activation difference and by mean attribution. CosSim+AP ranks the latents in their
+    layer's cosine top-k by attribution across layers (highest first, ties by (layer, latent)): overall
+    by the mean over prompts, and per prompt.
+    """
+
+    model_key: str
+    layers: dict[int, LayerScores]
+    prompt_ids: list[str]
+    """The attribution prompts, one per row of each layer's `attribution`."""
+    cosine_top_k: int
+    set_size: int
+    clean_metric: float = float("nan")
+    """Mean logit(compliance) - logit(refusal) of the clean model on the attribution prompts."""
+    patched_metric: float = float("nan")
+    """The same with the refusal direction ablated."""
+
+    def candidates(self, layer: int) -> list[int]:
+        scores, size = self.layers[layer], self.set_size
+        chosen = set(torch.topk(scores.cosine, max(self.cosine_top_k, size)).indices.tolist())
+        chosen |= set(torch.topk(scores.difference, size).indices.tolist())
+        chosen |= set(torch.topk(scores.attribution.mean(0), size).indices.tolist())
+        return sorted(chosen)
+
+    def table(self) -> pa.Table:
+        """One row per (layer, candidate) overall (prompt_id null), then the same rows for each attribution prompt."""
+        layers = sorted(self.layers)
+        candidates = {layer: self.candidates(layer) for layer in layers}
+        cosine_ranks = {layer: _ranks(self.layers[layer].cosine) for layer in layers}
+        filtered = [(layer, latent) for layer in layers for latent in candidates[layer]
+                    if cosine_ranks[layer][latent] <= self.cosine_top_k]
+        rows = []
+        for scope in [None, *range(len(self.prompt_ids))]:
+            def score(layer: int, latent: int) -> float:
+                attribution = self.layers[layer].attribution
+                return float(attribution[:, latent].mean() if scope is None else attribution[scope, latent])
+
+            combined = {key: rank for rank, key in enumerate(sorted(filtered, key=lambda k: (-score(*k), k)), start=1)}
+            for layer in layers:
+                scores = self.layers[layer]
+                for latent in candidates[layer]:
+                    rows.append({
+                        "model_key": self.model_key, "layer_index": layer, "latent_index": latent,
+                        "prompt_id": None if scope is None else self.prompt_ids[scope],
+                        "decoder_cosine": float(scores.cosine[latent]),
+                        "activation_difference": float(scores.difference[latent]),
+                        "cosine_rank": int(cosine_ranks[layer][latent]), "attribution": score(layer, latent),
+                        "combined_rank": combined.get((layer, latent))})
+        return pa.Table.from_pylist(rows, schema=LATENT_ATTRIBUTIONS)
+
+
+def rank_latents(model_key: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saes: Mapping[int, SAE],
+                 direction: Tensor, latents: Mapping[int, Tensor], labels: Sequence[str], prompts: Sequence[str],
+                 prompt_ids: Sequence[str], steps: int, cosine_top_k: int, set_size: int, skip_first: int = 0,
+                 progress: bool = True) -> LatentRanking:
+    """Score every latent of the SAEs against the refusal `direction` [d_model] and rank them (CosSim+AP).
+
+    Args:
+        latents: layer -> the stored prompts' latents [n_prompts, n_positions, d_sae], with their `labels`.
+        prompts, prompt_ids: the chat-formatted prompts attribution patching runs on (the direction ablated)
+            and their ids. Prompts whose first answer token the ablation does not change have a metric
+            that is zero everywhere and are left out, unless that leaves none.
+    """
+    harmful, harmless = label_mask(labels, "harmful"), label_mask(labels, "harmless")
+    if harmful.sum() == 0 or harmless.sum() == 0:
+        raise ValueError("The activations table needs harmful and harmless prompts for the activation difference; "
+                         "keep both in settings.activation_labels.")
+    result = attribution_patching(model, tokenizer, saes, prompts, Ablate(direction.float()), steps, batch_size=8,
+                                  skip_first=skip_first, progress=progress)
+    moved = [j for j, (r, c) in enumerate(zip(result.refusal_tokens, result.compliance_tokens)) if r != c] \
+        or list(range(len(prompts)))
+    layers = {layer: LayerScores(
+        decoder_cosines(saes[layer], direction).cpu().double(),
+        (latents[layer][harmful].mean((0, 1)) - latents[layer][harmless].mean((0, 1))).double(),
+        result.scores[layer][moved].double()) for layer in sorted(saes)}
+    return LatentRanking(model_key, layers, [prompt_ids[j] for j in moved], cosine_top_k, set_size,
+                         float(result.clean_metric[moved].mean()), float(result.patched_metric[moved].mean()))
+
+
+def label_mask(labels: Sequence[str], label: str) -> Tensor:
+    """[n] bool: which of `labels` are `label`."""
+    return torch.tensor([item == label for item in labels])
+
+
+def _ranks(scores: Tensor) -> Tensor:
+    """1-based rank of each entry, highest first (ties by index)."""
+    order = torch.argsort(-scores, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(1, len(scores) + 1)
+    return ranks

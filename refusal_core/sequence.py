@@ -5,12 +5,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import INSTRUCTION_TOKEN, left_padded
+from refusal_core.chat import format_prompt, post_instruction_tokens
+from refusal_core.generation import generate
 from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
+from refusal_core.prompts import prompts_of
+from refusal_core.tables import SEQUENCE_PROJECTIONS
+
+LABELS = ("harmful", "harmless", "jailbreak")
+JAILBREAK_METHODS = ("past_tense", "future_tense")
+"""The jailbreaks read along the sequence: tense reformulations, as short as the prompts they rewrite."""
 
 
 @dataclass(frozen=True)
@@ -62,3 +72,48 @@ def sequence_projections(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
             tokens = tokenizer.convert_ids_to_tokens(rows[i][-count:])
             yield SequenceProjection(start + i, list(range(-1 - n_template, n)), [INSTRUCTION_TOKEN, *tokens[1:]],
                                      (hidden.double() @ unit).cpu())
+
+
+def sequence_prompts(prompts: pa.Table, per_label: int) -> pa.Table:
+    """Up to `per_label` test prompts of each label: HarmBench harmful, harmless, and tense jailbreaks (not DAN's ~700 tokens)."""
+    return pa.concat_tables([
+        prompts_of(prompts, "harmful", "test", per_label, "harmbench"),
+        prompts_of(prompts, "harmless", "test", per_label),
+        prompts_of(prompts.filter(pc.is_in(prompts["jailbreak_method"], pa.array(JAILBREAK_METHODS))), "jailbreak", "test",
+                   per_label),
+    ])
+
+
+@dataclass(frozen=True)
+class RefusalAlongSequence:
+    """The refusal direction read at every layer and position of each chosen prompt: the SEQUENCE_PROJECTIONS table."""
+
+    chosen: pa.Table
+    """The prompts read (`sequence_prompts`)."""
+    columns: dict[str, list]
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.columns, schema=SEQUENCE_PROJECTIONS)
+
+
+def read_along_sequence(model_key: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pa.Table,
+                        chat_template: str, direction: Tensor, per_label: int, new_tokens: int,
+                        batch_size: int = 16) -> RefusalAlongSequence:
+    """Answer `sequence_prompts` greedily (`new_tokens` tokens); project every layer on `direction` along each sequence."""
+    chosen = sequence_prompts(prompts, per_label)
+    texts = [format_prompt(tokenizer, t, chat_template) for t in chosen["text"].to_pylist()]
+    answers = generate(model, tokenizer, texts, new_tokens, batch_size)
+    n_template = len(post_instruction_tokens(tokenizer, chat_template))
+    layers = list(range(len(decoder_layers(model))))
+    ids, labels = chosen["prompt_id"].to_pylist(), chosen["label"].to_pylist()
+    columns = {name: [] for name in SEQUENCE_PROJECTIONS.names}
+    for item in sequence_projections(model, tokenizer, texts, answers, n_template, layers, direction, batch_size):
+        for layer, values in zip(layers, item.projections.tolist()):
+            columns["model_key"] += [model_key] * len(values)
+            columns["prompt_id"] += [ids[item.index]] * len(values)
+            columns["label"] += [labels[item.index]] * len(values)
+            columns["layer_index"] += [layer] * len(values)
+            columns["position"] += item.positions
+            columns["token"] += item.tokens
+            columns["projection"] += values
+    return RefusalAlongSequence(chosen, columns)

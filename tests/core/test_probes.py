@@ -67,24 +67,3 @@ def test_ratio_interval_of_a_rarely_firing_latent_is_left_out_and_noise_gets_a_w
     point, low, high = ratio_interval(changes, baselines)
     assert low[0] < point[0] < high[0] and high[0] - low[0] > 0.2
     assert np.isnan(point[1]) and np.isnan(low[1]) and np.isnan(high[1])
-
-
-def test_jailbreak_summary_counts_and_intervals_use_the_same_pairs():
-    from assets.jailbreaks import summary_rows
-
-    def pair(family, succeeded, drop, base_refused=True):
-        return {"family": family, "base_refused": base_refused, "succeeded": succeeded, "relative_drop": drop,
-                "base_harmfulness_projection": 10.0, "jailbreak_harmfulness_projection": 7.0,
-                "jailbreak_harmful_by_direction": True}
-
-    pairs = ([pair("dan", True, 0.5 + 0.01 * i) for i in range(6)] + [pair("gcg", False, 0.01 * i) for i in range(5)]
-             + [pair("gcg", True, None), pair("gcg", True, 0.9), pair("dan", False, 0.3, base_refused=False)])
-    rows = {(r["family"], r["outcome"]): r for r in summary_rows("m", pairs, seed=0)}
-    assert rows[("all", "succeeded")]["n_pairs"] == 7 and rows[("all", "failed")]["n_pairs"] == 5
-    assert rows[("dan", "succeeded")]["mean_relative_drop"] == pytest.approx(0.525)
-    assert rows[("dan", "succeeded")]["ci_low"] <= 0.525 <= rows[("dan", "succeeded")]["ci_high"]
-    assert rows[("all", "succeeded")]["mean_harmfulness_drop"] == pytest.approx(3.0)
-    # One usable gcg success (the other has no drop) and no refused-base dan failure: a note each, no number.
-    assert rows[("gcg", "succeeded")]["n_pairs"] == 1 and rows[("gcg", "succeeded")].get("mean_relative_drop") is None
-    assert rows[("gcg", "succeeded")]["note"].startswith("1 succeeded gcg jailbreaks of refused prompts")
-    assert rows[("dan", "failed")]["n_pairs"] == 0 and rows[("dan", "failed")]["note"]

@@ -1,0 +1,115 @@
+import pyarrow as pa
+import pytest
+import torch
+
+from refusal_core.attribution import LatentRanking, LayerScores, rank_latents
+from refusal_core.features import build_feature_cards, select_feature_sets
+from tests.tiny import random_sae
+
+D_SAE = 128
+PLANTED = [(1, 3), (0, 7)]
+"""Latents with a high decoder cosine and the largest attribution, most first."""
+
+
+def _ranking(n_prompts: int = 3) -> LatentRanking:
+    generator = torch.Generator().manual_seed(0)
+    layers = {}
+    for layer in (0, 1):
+        cosine = 0.1 * torch.rand(D_SAE, generator=generator, dtype=torch.float64)
+        difference = 0.1 * torch.rand(D_SAE, generator=generator, dtype=torch.float64)
+        attribution = 0.01 * torch.randn(n_prompts, D_SAE, generator=generator, dtype=torch.float64)
+        layers[layer] = LayerScores(cosine, difference, attribution)
+    (top_layer, top), (second_layer, second) = PLANTED
+    layers[top_layer].cosine[top], layers[top_layer].attribution[:, top] = 0.8, 1.0
+    layers[second_layer].cosine[second], layers[second_layer].attribution[:, second] = 0.7, 0.5
+    # A large attribution without a high cosine, and the highest cosine without attribution.
+    layers[0].cosine[11], layers[0].attribution[:, 11] = 0.0, 5.0
+    layers[1].cosine[5] = 0.95
+    return LatentRanking("m", layers, [f"p{i}" for i in range(n_prompts)], cosine_top_k=3, set_size=2)
+
+
+def test_planted_latents_come_first_in_the_cossim_ap_ranking_overall_and_per_prompt():
+    table = _ranking().table().to_pylist()
+    for scope in (None, "p0", "p1", "p2"):
+        rows = [r for r in table if r["prompt_id"] == scope]
+        ranked = sorted((r for r in rows if r["combined_rank"] is not None), key=lambda r: r["combined_rank"])
+        assert [(r["layer_index"], r["latent_index"]) for r in ranked[:2]] == PLANTED
+        # Only a layer's cosine top-3 is ranked: 3 per layer, ranks 1..6.
+        assert [r["combined_rank"] for r in ranked] == list(range(1, 7))
+        assert all((r["combined_rank"] is not None) == (r["cosine_rank"] <= 3) for r in rows)
+        decoy = next(r for r in rows if (r["layer_index"], r["latent_index"]) == (0, 11))
+        assert decoy["combined_rank"] is None and decoy["attribution"] == pytest.approx(5.0)
+        assert next(r for r in rows if (r["layer_index"], r["latent_index"]) == (1, 5))["cosine_rank"] == 1
+    overall = [r for r in table if r["prompt_id"] is None]
+    assert len(table) == 4 * len(overall) and {r["model_key"] for r in table} == {"m"}
+
+
+def test_rank_latents_needs_harmful_and_harmless_prompts():
+    latents = {1: torch.zeros(2, 3, D_SAE)}
+    with pytest.raises(ValueError, match="harmful and harmless"):
+        rank_latents("m", None, None, {1: random_sae()}, torch.ones(64), latents, ["harmful", "harmful"], ["x"], ["p"],
+                     steps=1, cosine_top_k=3, set_size=2)
+
+
+def _latents(alive: dict[int, list[int]], labels: list[str]) -> dict[int, torch.Tensor]:
+    """layer -> [n_prompts, 2 positions, D_SAE]: the `alive` latents fire (more on harmful prompts), the rest never do."""
+    result = {}
+    for layer, indices in alive.items():
+        values = torch.zeros(len(labels), 2, D_SAE)
+        for i, label in enumerate(labels):
+            values[i, 1, indices] = (2.0 if label == "harmful" else 0.5) + i
+        result[layer] = values
+    return result
+
+
+def test_the_random_set_is_drawn_among_live_latents_with_cossim_aps_count_per_layer():
+    labels = ["harmful", "harmless", "harmful", "harmless"]
+    alive = {0: [2, 7, 11, 40, 41, 42, 90], 1: [3, 5, 60, 61]}
+    saes = {layer: random_sae(layer=layer) for layer in (0, 1)}
+    attributions = _ranking().table()
+    chosen = select_feature_sets("m", attributions, saes, torch.ones(64), _latents(alive, labels), labels, size=2,
+                                 induce_multiplier=3.0, seed=0)
+    assert chosen.members["cossim_ap"] == PLANTED
+    assert {name: len(members) for name, members in chosen.members.items()} == dict.fromkeys(
+        ("cossim_ap", "cosine", "activation_difference", "attribution", "random"), 2)
+    assert chosen.members["cosine"][0] == (1, 5) and chosen.members["attribution"][0] == (0, 11)
+    for layer in (0, 1):
+        drawn = [latent for chosen_layer, latent in chosen.members["random"] if chosen_layer == layer]
+        assert len(drawn) == sum(chosen_layer == layer for chosen_layer, _ in PLANTED)
+        assert set(drawn) <= set(alive[layer]) - {latent for chosen_layer, latent in PLANTED if chosen_layer == layer}
+    # The same seed draws the same set; rows carry each member's scores.
+    again = select_feature_sets("m", attributions, saes, torch.ones(64), _latents(alive, labels), labels, 2, 3.0, seed=0)
+    assert again.members["random"] == chosen.members["random"] and not chosen.notes
+    table = chosen.table().to_pylist()
+    row = next(r for r in table if r["feature_set"] == "cossim_ap" and r["rank"] == 2)
+    assert (row["layer_index"], row["latent_index"]) == (0, 7)
+    assert row["induce_value"] == pytest.approx(3.0 * 4.0)  # largest harmful activation: 2 + prompt 2
+    assert row["activation_difference"] == pytest.approx((2 + 4) / 4 - (1.5 + 3.5) / 4)  # over prompts and positions
+
+
+def test_a_layer_with_too_few_live_latents_gives_a_short_random_set_and_a_note():
+    labels = ["harmful", "harmless"]
+    chosen = select_feature_sets("m", _ranking().table(), {layer: random_sae(layer=layer) for layer in (0, 1)},
+                                 torch.ones(64), _latents({0: [7], 1: [3]}, labels), labels, 2, 3.0, seed=0)
+    assert chosen.members["random"] == [] and chosen.notes == ["Feature set random has 0 latents, fewer than 2."]
+
+
+def test_feature_cards_show_the_prompts_that_activate_each_latent_most():
+    labels = ["harmful", "harmless", "harmful", "harmless"]
+    rows = [{"prompt_id": f"p{i}", "label": label, "text": f"text {i}"} for i, label in enumerate(labels)]
+    latents = _latents({0: [7], 1: [3]}, labels)
+    sets = pa.Table.from_pylist([
+        {"feature_set": "cossim_ap", "layer_index": 0, "latent_index": 7, "decoder_cosine": 0.8,
+         "activation_difference": 1.0, "attribution": 1.0},
+        {"feature_set": "cosine", "layer_index": 0, "latent_index": 7, "decoder_cosine": 0.8,
+         "activation_difference": 1.0, "attribution": 1.0},
+        {"feature_set": "random", "layer_index": 1, "latent_index": 3, "decoder_cosine": 0.1,
+         "activation_difference": 0.0, "attribution": None}])
+    cards = build_feature_cards("m", sets, rows, ["[instruction]", "tok"], latents, {0: "sae0", 1: "sae1"}, None,
+                                top_prompts=3)
+    (card,) = cards.table().to_pylist()
+    assert (card["layer_index"], card["latent_index"], card["feature_sets"]) == (0, 7, ["cossim_ap", "cosine"])
+    # Peaks 2, 1.5, 4, 3.5 at the second position: the top 3, highest first.
+    assert [(p["prompt_id"], p["token"], p["activation"]) for p in card["top_prompts"]] == [
+        ("p2", "tok", 4.0), ("p3", "tok", 3.5), ("p0", "tok", 2.0)]
+    assert card["neuronpedia_url"] is None and cards.harmful_share == pytest.approx(2 / 3)

@@ -114,7 +114,7 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
         "candidates_per_layer": {str(layer): len(v[0]) for layer, v in per_layer.items()}})
 
 
-@dg.asset(partitions_def=studies, group_name="features", kinds={"parquet", "pytorch"})
+@dg.asset(partitions_def=studies, group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
 def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                  refusal_directions: pa.Table, saes: pa.Table, latent_attributions: pa.Table) -> dg.Output[Spool]:
     """Feature sets of equal size: CosSim+AP (the paper's), cosine only, activation difference, attribution only, and random latents from the same layers."""
@@ -169,7 +169,7 @@ def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompt
         "cossim_ap": ", ".join(f"L{layer}/{latent}" for layer, latent in chosen["cossim_ap"]), "overlap_with_cosine": overlap})
 
 
-@dg.asset(partitions_def=studies, group_name="features", kinds={"parquet"})
+@dg.asset(partitions_def=studies, group_name="features", pool="gpu", kinds={"parquet"})
 def feature_cards(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                   saes: pa.Table, feature_sets: pa.Table) -> dg.Output[Spool]:
     """One card per selected latent: its scores, the stored prompts that activate it most, and its Neuronpedia page when there is one."""

@@ -109,7 +109,7 @@ def eval_activations(context: dg.AssetExecutionContext, study: StudyResource, pr
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=metadata)
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", kinds={"parquet", "pytorch"})
+@dg.asset(partitions_def=studies, group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
 def jailbreak_analysis(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                        eval_activations: pa.Table, jailbreak_generations: pa.Table, saes: pa.Table,
                        feature_sets: pa.Table, category_directions: pa.Table) -> dg.Output[Spool]:

@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="Materialize only ASSET and everything downstream of it, reading the rest from the warehouse.")
     commands.add_parser("studies", help="List the studies in the registry.")
     gen = commands.add_parser("generate", help="Generate and judge answers to a prompt file, optionally intervening.")
-    gen.add_argument("--model", help="Study key; the registry's default when left out.")
+    gen.add_argument("--study", help="Registry key; the registry's default when left out.")
+    gen.add_argument("--model", dest="study", help=argparse.SUPPRESS)  # the old name of --study, still accepted
     gen.add_argument("--prompts", type=Path, required=True, help=".txt (one prompt a line) or .jsonl with a text field.")
     gen.add_argument("--intervention", default="none",
                      help="none, ablate, or add[:COEF] with the study's selected refusal direction (default none).")
@@ -101,11 +102,12 @@ def _release_abandoned_runs(instance) -> None:
 
     Otherwise a killed run keeps its `gpu` pool slot and the next run waits for it forever.
     """
-    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+    import dagster as dg
 
     from refusal_core.storage import process_alive
 
-    live = RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING], tags={HOST_TAG: socket.gethostname()})
+    live = dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING],
+                         tags={HOST_TAG: socket.gethostname()})
     for run in instance.get_runs(filters=live):
         pid = int(run.tags.get(PID_TAG, "0"))
         if pid and not process_alive(pid):
@@ -129,7 +131,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.out.suffix != ".parquet":
         raise ValueError(f"--out must name a .parquet file, not {args.out.name}.")
     registry = load_registry(paths.registry_path())
-    study = registry.get(args.model or registry.default)
+    study = registry.get(args.study or registry.default)
     rows = read_prompt_file(args.prompts)
     kind, _, coefficient = args.intervention.partition(":")
     intervention = None

@@ -31,7 +31,12 @@ class StudyResource(dg.ConfigurableResource):
         return self.registry().get(key)
 
     def load(self, key: str) -> LoadedModel:
-        """Load the study's model once per process and keep it for the other assets of the run."""
+        """Load the study's model, cached for the rest of this process.
+
+        The cache is per process: `refusal-sae run` executes in one process, so its assets share one load,
+        but under the multiprocess executor (the default for runs launched from the UI or by the registry
+        sensor) each step is its own process and loads the model again.
+        """
         return _load(self.registry_path, key, self.cache_dir, self.device)
 
     def classifier(self, key: str) -> ClassifierJudge | None:

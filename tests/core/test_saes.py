@@ -4,10 +4,11 @@ from importlib.resources import files
 from pathlib import Path
 
 import huggingface_hub
+import numpy as np
 import pytest
 import torch
 from huggingface_hub.errors import EntryNotFoundError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sae_lens import StandardSAE, TopKSAE
 from sae_lens.loading import pretrained_sae_loaders
 from sae_lens.saes.sae import SAEMetadata
@@ -16,6 +17,7 @@ from sae_lens.training.sae_trainer import SAETrainer
 from refusal_core.activations import tokenize_batch
 from refusal_core.registry import SaeSpec
 from refusal_core.saes import (
+    PINNED_FORMATS,
     choose_sae_id,
     hook_point_to_layer,
     layer_to_hook_point,
@@ -291,3 +293,42 @@ def test_corrupt_checkpoint_or_sae_is_one_sentence_error_and_writes_nothing(trai
     (broken / "sae_weights.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match=r"The SAE in .*broken cannot be read .*delete the folder to train it again"):
         load_local_sae(broken, 1, 64)
+
+
+@pytest.mark.parametrize("file_format, repo_id, folder", [
+    ("gemma_2", "google/gemma-scope-2b-pt-res", "layer_12/width_16k/average_l0_41"),
+    ("llama_scope", "fnlp/Llama3_1-8B-Base-LXR-8x", "Llama3_1-8B-Base-L1R-8x"),
+])
+def test_pinned_converters_read_what_the_sae_lens_loaders_read(file_format, repo_id, folder, monkeypatch, tmp_path):
+    """Small files in the release's layout, read by our converter and by sae-lens' loader of the same format."""
+    torch.manual_seed(0)
+    hub = tmp_path / "hub" / folder
+    if file_format == "gemma_2":
+        hub.mkdir(parents=True)
+        np.savez(hub / "params.npz", W_enc=np.random.randn(4, 8).astype("float32"), W_dec=np.random.randn(8, 4).astype("float32"),
+                 b_enc=np.random.randn(8).astype("float32"), b_dec=np.random.randn(4).astype("float32"),
+                 threshold=np.random.rand(8).astype("float32"))
+    else:
+        (hub / "checkpoints").mkdir(parents=True)
+        (hub / "hyperparams.json").write_text(json.dumps({
+            "d_model": 4, "d_sae": 8, "jump_relu_threshold": 0.5, "hook_point_in": "blocks.1.hook_resid_post",
+            "dataset_average_activation_norm": {"in": 3.0}}))
+        save_file({"encoder.weight": torch.randn(8, 4), "decoder.weight": torch.randn(4, 8), "encoder.bias": torch.randn(8),
+                   "decoder.bias": torch.randn(4)}, hub / "checkpoints" / "final.safetensors")
+    calls = []
+
+    def fake_download(repo_id: str, filename: str, subfolder: str | None = None, **kwargs) -> str:
+        calls.append(kwargs.get("revision"))
+        return str(tmp_path / "hub" / (f"{subfolder}/{filename}" if subfolder else filename))
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setattr(pretrained_sae_loaders, "hf_hub_download", fake_download)
+    overrides = {"device": "cpu", "dtype": "float32"}  # what SAE.from_pretrained passes
+    ours = PINNED_FORMATS[file_format](repo_id=repo_id, folder_name=folder, device="cpu", force_download=False,
+                                       cfg_overrides=dict(overrides), revision="0123abc", cache_dir=tmp_path / "cache")
+    theirs = pretrained_sae_loaders.NAMED_PRETRAINED_SAE_LOADERS[file_format](
+        repo_id=repo_id, folder_name=folder, device="cpu", force_download=False, cfg_overrides=dict(overrides))
+    assert ours[0] == theirs[0]
+    assert ours[1].keys() == theirs[1].keys()
+    assert all(torch.equal(ours[1][name], theirs[1][name]) for name in ours[1])
+    assert calls.count("0123abc") == len(calls) // 2 > 0  # ours pinned every download; sae-lens' loader pins none

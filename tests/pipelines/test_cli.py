@@ -22,7 +22,7 @@ def test_generate_writes_judged_rows_with_and_without_interventions(tiny_registr
     with dg.instance_for_test() as instance:
         assert _materialize(tiny_registry, warehouse, "tiny-qwen2", instance).success
     for intervention in ("none", "ablate", "add:2"):
-        assert main(["generate", "--prompts", str(prompts), "--intervention", intervention,
+        assert main(["generate", "--study", "tiny-qwen2", "--prompts", str(prompts), "--intervention", intervention,
                      "--max-new-tokens", "4", "--out", str(out)]) == 0
         table = pq.read_table(out)
         assert table.num_rows == 2 and set(table["max_new_tokens"].to_pylist()) == {4}
@@ -35,6 +35,10 @@ def test_generate_writes_judged_rows_with_and_without_interventions(tiny_registr
     assert "holds no prompt" in capsys.readouterr().err
     assert main(["generate", "--prompts", str(prompts), "--intervention", "steer", "--out", str(out)]) == 2
     assert "Unknown intervention 'steer'" in capsys.readouterr().err
+    # --study names the study as in `run`; --model, its old name, is still accepted.
+    for flag in ("--study", "--model"):
+        assert main(["generate", flag, "nope", "--prompts", str(prompts), "--out", str(out)]) == 2
+        assert "Unknown study 'nope'" in capsys.readouterr().err
 
 
 def test_run_rejects_an_unknown_study(monkeypatch, tiny_registry, capsys):
@@ -70,7 +74,6 @@ def test_a_killed_run_is_released_so_the_next_one_does_not_wait_for_its_pool_slo
     import sys
 
     import dagster as dg
-    from dagster._core.storage.dagster_run import DagsterRunStatus
 
     from pipelines.cli import HOST_TAG, PID_TAG, _release_abandoned_runs
 
@@ -85,12 +88,12 @@ def test_a_killed_run_is_released_so_the_next_one_does_not_wait_for_its_pool_slo
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     with dg.instance_for_test() as instance:
-        runs = {pid: instance.create_run_for_job(job_def=job, status=DagsterRunStatus.STARTED,
+        runs = {pid: instance.create_run_for_job(job_def=job, status=dg.DagsterRunStatus.STARTED,
                                                  tags={PID_TAG: str(pid), HOST_TAG: socket.gethostname()})
                 for pid in (gone.pid, os.getpid())}
         instance.event_log_storage.set_concurrency_slots("gpu", 1)
         assert instance.event_log_storage.claim_concurrency_slot("gpu", runs[gone.pid].run_id, "step").is_claimed
         _release_abandoned_runs(instance)
-        assert instance.get_run_by_id(runs[gone.pid].run_id).status == DagsterRunStatus.FAILURE
-        assert instance.get_run_by_id(runs[os.getpid()].run_id).status == DagsterRunStatus.STARTED  # still running
+        assert instance.get_run_by_id(runs[gone.pid].run_id).status == dg.DagsterRunStatus.FAILURE
+        assert instance.get_run_by_id(runs[os.getpid()].run_id).status == dg.DagsterRunStatus.STARTED  # still running
         assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []

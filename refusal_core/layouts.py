@@ -45,8 +45,6 @@ LAYOUTS: dict[str, Layout] = {
     "mistral": Layout("model.layers", end_of_turn=("</s>",)),
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
-    "gemma3": Layout("model.language_model.layers", attn_out=_GEMMA.attn_out, mlp_out=_GEMMA.mlp_out,
-                     end_of_turn=_GEMMA.end_of_turn),
     # Phi-3 adds each sublayer's output through a dropout (the identity in eval mode): the write is its output.
     "phi3": Layout("model.layers", attn_out="resid_attn_dropout", mlp_out="resid_mlp_dropout",
                    end_of_turn=("<|end|>", "<|endoftext|>")),

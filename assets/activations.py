@@ -2,13 +2,13 @@
 
 import dagster as dg
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.activations import capture_table
-from refusal_core.tables import Spool
+from refusal_core.parquet import Spool
+from refusal_core.prompts import activation_prompts
 
 
 @dg.asset(partitions_def=studies, group_name="activations", pool="gpu", kinds={"parquet", "pytorch"})
@@ -16,23 +16,9 @@ def activations(context: dg.AssetExecutionContext, study: StudyResource, prompts
     """One row per (prompt, layer, position): the residual stream after each block at the instruction's last token and the post-instruction template tokens, float32."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
-    selected = select_prompts(prompts, settings.activation_labels, settings.max_prompts_per_label)
+    selected = activation_prompts(prompts, settings.activation_labels, settings.max_prompts_per_label)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts), "prompt_set_sha256": content_sha256(prompts)}
     staged, metadata = capture_table(loaded, selected, study.staging_dir, lineage,
                                      {"labels": settings.activation_labels,
                                       "max_prompts_per_label": settings.max_prompts_per_label})
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=metadata)
-
-
-def select_prompts(prompts: pa.Table, labels: list[str], per_label: int) -> pa.Table:
-    """Train and val prompts with the given labels, at most `per_label` of each, chosen by prompt id (a hash)."""
-    pool = prompts.filter(pc.and_(pc.is_in(prompts["label"], pa.array(labels)),
-                                  pc.is_in(prompts["split"], pa.array(["train", "val"]))))
-    pool = pool.sort_by([("label", "ascending"), ("prompt_id", "ascending")])
-    keep = []
-    for label in labels:
-        rows = pc.indices_nonzero(pc.equal(pool["label"], label)).to_pylist()[:per_label]
-        keep += rows
-    if not keep:
-        raise ValueError(f"No train or val prompt has a label in {labels}; check activation_labels in the study settings.")
-    return pool.take(sorted(keep))

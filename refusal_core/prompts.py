@@ -196,6 +196,19 @@ def eval_prompts(prompts: pa.Table, limit: int) -> pa.Table:
     ])
 
 
+def activation_prompts(prompts: pa.Table, labels: list[str], per_label: int) -> pa.Table:
+    """Train and val prompts with the given labels, at most `per_label` of each, chosen by prompt id (a hash)."""
+    pool = prompts.filter(pc.and_(pc.is_in(prompts["label"], pa.array(labels)),
+                                  pc.is_in(prompts["split"], pa.array(["train", "val"]))))
+    pool = pool.sort_by([("label", "ascending"), ("prompt_id", "ascending")])
+    keep = []
+    for label in labels:
+        keep += pc.indices_nonzero(pc.equal(pool["label"], label)).to_pylist()[:per_label]
+    if not keep:
+        raise ValueError(f"No train or val prompt has a label in {labels}; check activation_labels in the study settings.")
+    return pool.take(sorted(keep))
+
+
 def wrapped_prompts(prompts: pa.Table, jailbreak_generations: pa.Table) -> set[str]:
     """Ids of the harmful prompts the judged jailbreaks wrap: left out of whatever is fitted and then tested on them."""
     judged = prompts.filter(pc.is_in(prompts["prompt_id"], jailbreak_generations["prompt_id"].combine_chunks()))
@@ -243,3 +256,9 @@ def _deduplicate(prompts: list[Prompt]) -> list[Prompt]:
             seen.add(prompt.prompt_id)
             kept.append(prompt)
     return kept
+
+
+def texts_of(prompts: pa.Table, ids: list[str]) -> list[str]:
+    """The texts of the prompts `ids`, in that order."""
+    text = dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
+    return [text[i] for i in ids]

@@ -8,7 +8,8 @@ import dagster as dg
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.prompts import HUB_SOURCES, build_prompts, prompts_table
-from refusal_core.tables import PROMPTS, Spool, spool, to_json
+from refusal_core.parquet import Spool, spool, to_json
+from refusal_core.tables import PROMPTS
 
 
 @dg.asset(partitions_def=studies, group_name="data", kinds={"parquet"})

@@ -5,7 +5,6 @@ import dagster as dg
 from pipelines.metadata import png_metadata
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
-from refusal_core.lineage import code_version
 from refusal_core.storage import Location, uri, write_atomically
 from warehouse.lineage import lineage_tree
 from warehouse.query import connect, named_query
@@ -36,8 +35,8 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(uri(path)),
         "overview": dg.MetadataValue.url(uri(overview)), "n_studies": len(every),
-        # What the schedule compares to decide whether the study is stale.
-        "study_sha256": study.study(key).fingerprint(), "code_version": code_version(),
+        # What the schedule compares to decide whether the study's entry changed.
+        "study_sha256": study.study(key).fingerprint(),
         **(png_metadata("cross_study", figure) if figure else {})})
 
 

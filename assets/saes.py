@@ -12,7 +12,8 @@ from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt, instruction_offset
 from refusal_core.saes import load_local_sae, load_sae, sae_quality, train_saes
-from refusal_core.tables import SAE_QUALITY, Spool, spool, to_json
+from refusal_core.parquet import Spool, spool, to_json
+from refusal_core.tables import SAE_QUALITY
 
 QUALITY_CHECK = "sae_quality_thresholds"
 EVAL_TEXTS = 48

@@ -126,7 +126,8 @@ def _generate(args: argparse.Namespace) -> int:
     from refusal_core.prompts import prompt_id, read_prompt_file
     from refusal_core.registry import load_registry
     from refusal_core.scoring import refusal_token_ids
-    from refusal_core.tables import GENERATIONS, read_parquet, write_parquet
+    from refusal_core.parquet import read_parquet, write_parquet
+    from refusal_core.tables import GENERATIONS
 
     if args.out.suffix != ".parquet":
         raise ValueError(f"--out must name a .parquet file, not {args.out.name}.")

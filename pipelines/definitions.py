@@ -6,56 +6,30 @@ import warnings
 
 import dagster as dg
 
-from assets.activations import activations
-from assets.behaviour import baseline_generations
-from assets.clamping import feature_effects, feature_generations
-from assets.directions import category_directions, refusal_directions
-from assets.edges import feature_edges
-from assets.features import feature_cards, feature_sets, latent_attributions
-from assets.figures import figures
-from assets.interventions import intervention_effects, intervention_generations
-from assets.jailbreaks import eval_activations, jailbreak_analysis, jailbreak_generations, jailbreak_summary
-from assets.probes import latent_guard, refusal_probes
-from assets.prompts import prompts
-from assets.report import report
-from assets.saes import saes
-from assets.sequence import refusal_along_sequence
+import assets
 from pipelines import paths
 from pipelines.io_manager import ParquetIOManager
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from pipelines.schedules import stale_studies_schedule
 from pipelines.sensors import registry_sensor_for
+from refusal_core.lineage import code_version
+from refusal_core.tables import TABLES
 
 # Output(data_version=...) is how each table's content hash becomes its data version; Dagster marks
 # that parameter beta, and the warning on every materialization says nothing a user can act on.
 warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*data_version.*")
 
-ASSETS = [
-    prompts,
-    activations,
-    baseline_generations,
-    refusal_directions,
-    category_directions,
-    intervention_generations,
-    intervention_effects,
-    saes,
-    latent_attributions,
-    feature_sets,
-    feature_cards,
-    feature_edges,
-    feature_generations,
-    feature_effects,
-    refusal_along_sequence,
-    jailbreak_generations,
-    eval_activations,
-    jailbreak_analysis,
-    jailbreak_summary,
-    refusal_probes,
-    latent_guard,
-    figures,
-    report,
-]
+
+def with_code_version(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
+    """The asset with its Dagster code version: the hash of the code it runs and of its table's catalogue entry."""
+    module = asset.op.compute_fn.decorated_fn.__module__
+    return asset.map_asset_specs(lambda spec: spec.replace_attributes(
+        code_version=code_version(module, TABLES.get(spec.key.path[-1]))))
+
+
+ASSETS = [with_code_version(asset) for asset in dg.load_assets_from_package_module(assets)]
+"""Every asset of the `assets` package: a new asset module needs no line here."""
 
 study_job = dg.define_asset_job("study", selection=dg.AssetSelection.assets(*ASSETS), partitions_def=studies)
 
@@ -72,7 +46,7 @@ def build_definitions(
         assets=ASSETS,
         jobs=[study_job],
         sensors=[registry_sensor_for(study_job.name)],
-        schedules=[stale_studies_schedule(study_job.name)],
+        schedules=[stale_studies_schedule(study_job.name, ASSETS)],
         resources={
             "study": StudyResource(
                 registry_path=registry_path or str(paths.registry_path()),

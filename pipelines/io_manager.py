@@ -8,10 +8,12 @@ import dagster as dg
 import pyarrow as pa
 
 from refusal_core.lineage import LineageRecord
+from refusal_core.parquet import Spool, read_parquet, write_parquet
 from refusal_core.storage import Location, location, shown
-from refusal_core.tables import LINEAGE, Spool, read_parquet, write_parquet
+from refusal_core.tables import TABLES, Table
 
 PREVIEW_ROWS = 5
+LINEAGE = TABLES["lineage"]
 
 
 class ParquetIOManager(dg.ConfigurableIOManager):
@@ -19,7 +21,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     Assets hand over a `Spool` (rows already staged and hashed); this manager streams it into
     `<root>/<asset>/model=<study>/data.parquet` in one step (a rename locally, one upload to an
-    object store), with the lineage record as the file's key-value metadata, then deletes the spool.
+    object store), with the lineage record and the table's schema version as the file's key-value
+    metadata, then deletes the spool. Reading a file written with another schema version is refused.
     """
 
     root: str
@@ -33,14 +36,17 @@ class ParquetIOManager(dg.ConfigurableIOManager):
             raise TypeError(f"Asset {context.asset_key.to_user_string()} must return a Spool, not {type(obj).__name__}.")
         asset = context.asset_key.path[-1]
         study = context.partition_key
+        table = _catalogued(asset)
+        if obj.schema.names != table.schema.names:
+            raise TypeError(f"Asset {asset} spooled columns {obj.schema.names}; its catalogue entry has {table.schema.names}.")
         path = self.path_for(asset, study)
         record = LineageRecord(
-            artifact=asset, partition=study, path=str(path), content_sha256=obj.sha256,
-            row_count=obj.row_count, run_id=context.run_id, **obj.lineage,
+            artifact=asset, partition=study, path=str(path), content_sha256=obj.sha256, row_count=obj.row_count,
+            code_version=context.asset_spec.code_version or "", run_id=context.run_id, **obj.lineage,
         )
         preview = _preview(obj)
         try:
-            write_parquet(path, obj.schema, obj.batches(), record.file_metadata())
+            write_parquet(path, obj.schema, obj.batches(), {**record.file_metadata(), **table.file_metadata()})
         except OSError as error:  # a missing bucket, refused credentials, a full disk
             reason = " ".join(str(error).split()) or type(error).__name__
             raise OSError(f"Cannot write {asset} to the warehouse {shown(location(self.root))} ({reason}); create it "
@@ -48,7 +54,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         finally:
             obj.path.unlink(missing_ok=True)
         lineage_path = location(self.root) / "lineage" / f"model={study}" / f"{asset}.parquet"
-        write_parquet(lineage_path, LINEAGE, record.table().to_batches(), {})
+        write_parquet(lineage_path, LINEAGE.schema, record.table().to_batches(), LINEAGE.file_metadata())
         context.add_output_metadata(
             {
                 "path": dg.MetadataValue.path(str(path)),
@@ -64,8 +70,18 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     def load_input(self, context: dg.InputContext) -> pa.Table:
         asset = context.asset_key.path[-1]
-        return read_parquet(self.path_for(asset, context.partition_key))
+        table = read_parquet(self.path_for(asset, context.partition_key))
+        metadata = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+        refusal = _catalogued(asset).mismatch(metadata, context.partition_key)
+        if refusal:
+            raise ValueError(refusal)
+        return table
 
+
+def _catalogued(asset: str) -> Table:
+    if asset not in TABLES:
+        raise ValueError(f"Asset {asset} writes a table that is not in the catalogue: add its entry to refusal_core.tables.TABLES.")
+    return TABLES[asset]
 
 def column_schema(schema: pa.Schema) -> dg.TableSchema:
     """Dagster's column schema, derived from the pyarrow schema and its field descriptions."""

@@ -9,7 +9,7 @@ import pyarrow as pa
 
 from refusal_core.models import LoadedModel
 from refusal_core.storage import Location
-from refusal_core.tables import to_json
+from refusal_core.parquet import to_json
 
 
 def content_sha256(table: pa.Table) -> str:
@@ -19,8 +19,9 @@ def content_sha256(table: pa.Table) -> str:
 
 
 def model_lineage(loaded: LoadedModel) -> dict[str, str]:
-    """Lineage fields that describe the model."""
-    return {"model_source": loaded.source, "model_sha256": loaded.weights_sha256}
+    """Lineage fields that describe the model and where it ran."""
+    return {"model_source": loaded.source, "model_sha256": loaded.weights_sha256,
+            "device": str(loaded.device), "dtype": str(loaded.model.dtype)}
 
 
 def upstream_lineage(**tables: pa.Table) -> dict[str, str]:

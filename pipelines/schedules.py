@@ -1,29 +1,44 @@
-"""A nightly schedule that re-runs only the studies whose registry entry or code changed since their last report."""
+"""A nightly schedule that re-runs, per study, what its registry entry or the code changed since it was materialized."""
+
+import hashlib
+from collections.abc import Sequence
 
 import dagster as dg
 
 from pipelines.resources import StudyResource
-from refusal_core.lineage import code_version
 
 REPORT = dg.AssetKey("report")
 
 
-def stale_studies_schedule(job_name: str) -> dg.ScheduleDefinition:
-    """Launch `job_name` for each local study whose last report was made from other settings or code, or never."""
+def stale_studies_schedule(job_name: str, assets: Sequence[dg.AssetsDefinition]) -> dg.ScheduleDefinition:
+    """Launch `job_name` for each local study: all of it when its entry changed since its last report (or it has
+    none), else only the assets whose code version changed since they were materialized, and what is downstream."""
+    versions = {key: version for asset in assets for key, version in asset.code_versions_by_key.items()}
 
     @dg.schedule(job_name=job_name, cron_schedule="0 3 * * *", default_status=dg.DefaultScheduleStatus.STOPPED)
     def stale_studies(context: dg.ScheduleEvaluationContext, study: StudyResource):
+        def latest(key: dg.AssetKey, partition: str) -> dg.AssetMaterialization | None:
+            records = context.instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1).records
+            return records[0].asset_materialization if records else None
+
         requests = []
-        current_code = code_version()
         for key, entry in study.registry().studies.items():
             if entry.network:
                 continue
-            records = context.instance.fetch_materializations(
-                dg.AssetRecordsFilter(asset_key=REPORT, asset_partitions=[key]), limit=1).records
-            metadata = records[0].asset_materialization.metadata if records else {}
-            made_from = (metadata.get("study_sha256"), metadata.get("code_version"))
-            if tuple(m.value if m else None for m in made_from) != (entry.fingerprint(), current_code):
-                requests.append(dg.RunRequest(run_key=f"{key}:{entry.fingerprint()[:12]}:{current_code}", partition_key=key))
+            report = latest(REPORT, key)
+            made_from = report.metadata.get("study_sha256") if report else None
+            if made_from is None or made_from.value != entry.fingerprint():
+                changed = list(versions)
+                selection = None
+            else:
+                changed = [asset for asset, version in versions.items()
+                           if (made := latest(asset, key)) is None or made.tags.get("dagster/code_version") != version]
+                selection = sorted(dg.AssetSelection.assets(*changed).downstream().resolve(assets))
+            if changed:
+                code = hashlib.sha256(repr([(a.to_user_string(), versions[a]) for a in changed]).encode()).hexdigest()[:12]
+                requests.append(dg.RunRequest(run_key=f"{key}:{entry.fingerprint()[:12]}:{code}", partition_key=key,
+                                              asset_selection=selection))
         if not requests:
             return dg.SkipReason("Every local study is up to date with its registry entry and the code.")
         return requests

@@ -18,7 +18,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from refusal_core.chat import format_prompt, post_instruction_tokens
 from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
 from refusal_core.models import LoadedModel
-from refusal_core.tables import Spool, activations_schema, spool, to_json
+from refusal_core.parquet import Spool, spool, to_json
+from refusal_core.tables import activations_schema
 
 
 @dataclass(frozen=True)

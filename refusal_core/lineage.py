@@ -1,36 +1,96 @@
-"""Lineage records: which model, SAE, data and code produced an artifact."""
+"""Lineage records: which model, SAE, data, code and packages produced an artifact."""
 
 from __future__ import annotations
 
+import ast
 import hashlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pyarrow as pa
 
-from refusal_core.tables import LINEAGE, to_json
+from refusal_core.parquet import to_json
+from refusal_core.tables import LINEAGE, TABLES, Table
 
-LINEAGE_VERSION = "1"
-"""Version of the lineage record layout, stored in every file's metadata."""
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+"""The folder holding the project's packages, checked out or installed."""
+PROJECT_PACKAGES = ("refusal_core", "assets", "pipelines", "warehouse")
+DATA_SUFFIXES = (".sql", ".jsonl", ".txt")
+SCHEMA_MODULE = "refusal_core.tables"
+"""Hashed as the asset's own catalogue entry, not as a whole, so a change to one schema marks only its table stale."""
+PACKAGES = ("refusal-sae", "torch", "transformers", "sae-lens", "dagster")
+"""The packages whose versions every lineage record carries."""
 
 
-def code_version() -> str:
-    """Package version plus the first 12 hex digits of a hash over the refusal_core sources.
+def code_version(module: str, table: Table | None = None, root: Path = PROJECT_ROOT) -> str:
+    """First 12 hex digits of a hash over the code `module` runs, and over its `table`'s catalogue entry.
 
-    The hash changes with any edit to the science code, installed or checked out, with or without git.
+    The code is the module's source, the project modules it imports (transitively, also inside
+    functions) and the data files of their packages that they name (views.sql, harmless.jsonl),
+    read from `root`, so an edit changes the version of exactly the modules that can run it.
     """
-    try:
-        package = version("refusal-sae")
-    except PackageNotFoundError:
-        package = "0+unknown"
     digest = hashlib.sha256()
-    root = Path(__file__).parent
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.suffix in {".py", ".jsonl", ".txt"}:
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return f"{package}+{digest.hexdigest()[:12]}"
+    for path in sorted(code_files(module, root)):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    if table is not None:
+        digest.update(f"{table.name}\0{table.version}\0{table.needs_model}\0{table.description}\0".encode())
+        digest.update(table.schema.to_string(show_field_metadata=True, show_schema_metadata=True).encode())
+    return digest.hexdigest()[:12]
+
+
+def code_files(module: str, root: Path = PROJECT_ROOT) -> set[Path]:
+    """The files `code_version` hashes for `module` (the schema module aside)."""
+    found: set[Path] = set()
+    todo, seen = [module], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name == SCHEMA_MODULE or name.split(".")[0] not in PROJECT_PACKAGES:
+            continue
+        seen.add(name)
+        base = root / name.replace(".", "/")
+        path = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+        if path is None:  # a name imported from a module, not a module
+            continue
+        found.add(path)
+        text = path.read_text(encoding="utf-8")
+        found |= {data for data in _data_files(root / name.split(".")[0]) if data.name in text}
+        todo += _imports(str(path), text)
+    return found
+
+
+@cache
+def _imports(path: str, text: str) -> tuple[str, ...]:
+    # Every module a source imports, anywhere in it; for `from a import b`, both a and a.b (b may be a module).
+    names: list[str] = []
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                raise ValueError(f"{path} imports relatively; use absolute imports, which code versions follow.")
+            names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+    return tuple(names)
+
+
+@cache
+def _data_files(package: Path) -> tuple[Path, ...]:
+    # The package's own folder and its subfolders (refusal_core/data), not deeper (a local warehouse under warehouse/data).
+    return tuple(p for pattern in ("*", "*/*") for p in package.glob(pattern) if p.suffix in DATA_SUFFIXES and p.is_file())
+
+
+@cache
+def package_versions() -> str:
+    """Canonical JSON of the installed versions of `PACKAGES` (absent ones as "not installed")."""
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return to_json({name: installed(name) for name in PACKAGES})
 
 
 @dataclass(frozen=True)
@@ -42,12 +102,15 @@ class LineageRecord:
     path: str
     content_sha256: str
     row_count: int
+    code_version: str
     model_source: str = ""
     model_sha256: str = ""
     sae_source: str = ""
     sae_sha256: str = ""
     prompt_set_sha256: str = ""
-    code_version: str = field(default_factory=code_version)
+    package_versions: str = field(default_factory=package_versions)
+    device: str = ""
+    dtype: str = ""
     run_id: str = ""
     created_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     upstream: str = "{}"
@@ -60,13 +123,10 @@ class LineageRecord:
         they live in the lineage table.
         """
         record = {k: str(v) for k, v in asdict(self).items() if k not in {"path", "run_id", "created_at"}}
-        return {"refusal_sae.lineage_version": LINEAGE_VERSION, **{f"refusal_sae.{k}": v for k, v in record.items()}}
+        return {"refusal_sae.lineage_version": str(TABLES["lineage"].version),
+                **{f"refusal_sae.{k}": v for k, v in record.items()}}
 
     def table(self) -> pa.Table:
         """The record as a one-row table in the LINEAGE schema."""
         return pa.Table.from_pylist([asdict(self)], schema=LINEAGE)
 
-
-def upstream_json(hashes: dict[str, str]) -> str:
-    """Canonical JSON of an upstream map (artifact name to content sha256)."""
-    return to_json(hashes)

@@ -1,12 +1,13 @@
-"""Walk the lineage table from an artifact back to the model weights, the prompt set and the code."""
+"""Walk the lineage table from an artifact back to the model weights, the prompt set, the code and the packages."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath
 
+from refusal_core.parquet import file_metadata, read_parquet
 from refusal_core.storage import Location
-from refusal_core.tables import read_parquet
+from refusal_core.tables import TABLES
 
 
 def lineage_record(root: Location, artifact: str, study: str) -> dict:
@@ -15,6 +16,8 @@ def lineage_record(root: Location, artifact: str, study: str) -> dict:
     if not path.exists():
         known = sorted(p.stem for p in (root / "lineage" / f"model={study}").glob("*.parquet"))
         raise ValueError(f"No lineage for {artifact!r} of study {study!r}; known artifacts: {', '.join(known) or 'none'}.")
+    if refusal := TABLES["lineage"].mismatch(file_metadata(path), study):
+        raise ValueError(refusal)
     return read_parquet(path).to_pylist()[0]
 
 
@@ -36,9 +39,10 @@ def resolve(root: Location, target: str, study: str | None) -> tuple[str, str]:
 
 
 def lineage_tree(root: Location, artifact: str, study: str) -> list[str]:
-    """Lines of text: the artifact, its upstream artifacts (recursively) and the model and code they came from."""
+    """Lines of text: the artifact, its upstream artifacts (recursively) and the model, code and packages they came from."""
     lines: list[str] = []
     models: dict[str, str] = {}
+    environments: set[str] = set()
 
     def walk(name: str, expected: str | None, indent: str) -> None:
         record = lineage_record(root, name, study)
@@ -49,12 +53,17 @@ def lineage_tree(root: Location, artifact: str, study: str) -> list[str]:
             models[record["model_source"]] = record["model_sha256"]
         if record["sae_source"]:
             models[f"SAE {record['sae_source']}"] = record["sae_sha256"]
+        if record["device"]:
+            environments.add(f"ran on: {record['device']} {record['dtype']}")
+        packages = json.loads(record["package_versions"])
+        environments.add("packages: " + ", ".join(f"{name} {version}" for name, version in sorted(packages.items())))
         for upstream, sha in sorted(json.loads(record["upstream"]).items()):
             walk(upstream, sha, indent + "  ")
 
     walk(artifact, None, "")
     lines.append("")
     lines += [f"weights: {source}  sha256 {sha}" for source, sha in sorted(models.items())]
+    lines += sorted(environments)
     prompts = lineage_record(root, "prompts", study) if (root / "lineage" / f"model={study}" / "prompts.parquet").exists() else None
     if prompts:
         lines.append(f"prompt set: sha256 {prompts['content_sha256']}  settings {prompts['settings']}")

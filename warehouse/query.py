@@ -11,54 +11,9 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from refusal_core.parquet import file_metadata
 from refusal_core.storage import Location, check_readable, is_remote, shown
-
-from refusal_core.tables import (
-    ACTIVATIONS,
-    DIRECTION_CANDIDATES,
-    DIRECTIONS,
-    EFFECTS,
-    FEATURE_CARDS,
-    FEATURE_EDGES,
-    FEATURE_SETS,
-    GENERATIONS,
-    JAILBREAK_PAIRS,
-    JAILBREAK_SUMMARY,
-    LATENT_ATTRIBUTIONS,
-    LATENT_GUARD,
-    LINEAGE,
-    PROBE_RESULTS,
-    PROMPTS,
-    SAE_QUALITY,
-    SEQUENCE_PROJECTIONS,
-)
-
-SCHEMAS = {
-    "prompts": PROMPTS,
-    "activations": ACTIVATIONS,
-    "baseline_generations": GENERATIONS,
-    "refusal_directions": DIRECTION_CANDIDATES,
-    "category_directions": DIRECTIONS,
-    "saes": SAE_QUALITY,
-    "intervention_generations": GENERATIONS,
-    "intervention_effects": EFFECTS,
-    "latent_attributions": LATENT_ATTRIBUTIONS,
-    "feature_sets": FEATURE_SETS,
-    "feature_cards": FEATURE_CARDS,
-    "feature_generations": GENERATIONS,
-    "feature_effects": EFFECTS,
-    "refusal_along_sequence": SEQUENCE_PROJECTIONS,
-    "feature_edges": FEATURE_EDGES,
-    "jailbreak_generations": GENERATIONS,
-    "eval_activations": ACTIVATIONS,
-    "jailbreak_analysis": JAILBREAK_PAIRS,
-    "jailbreak_summary": JAILBREAK_SUMMARY,
-    "refusal_probes": PROBE_RESULTS,
-    "latent_guard": LATENT_GUARD,
-    "lineage": LINEAGE,
-}
-"""Every table of the warehouse; a view over a table with no file yet is empty but has its columns.
-Views in views.sql that read no files ({root} not in them) are derived from the table views."""
+from refusal_core.tables import TABLES
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _VIEW = re.compile(r"CREATE VIEW (\w+) AS\s+(.*?);", re.S)
@@ -66,27 +21,31 @@ _VIEW = re.compile(r"CREATE VIEW (\w+) AS\s+(.*?);", re.S)
 
 @contextmanager
 def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
-    """A DuckDB connection over the Parquet files under `root` (a folder or an object-store URL), accepting only queries."""
+    """A DuckDB connection over the Parquet files under `root` (a folder or an object-store URL), accepting only queries.
+
+    A file written with another schema version than its table's catalogue entry is refused, in one sentence
+    naming the run that rewrites it, rather than read with the wrong columns.
+    """
     check_readable(root)
     connection = duckdb.connect()
     if is_remote(root):
         # DuckDB reads the store through the same fsspec filesystem the pipeline writes with.
         connection.register_filesystem(root.fs)
     try:
-        views = dict(_VIEW.findall(files("warehouse").joinpath("views.sql").read_text()))
-        tables = {name for name, body in views.items() if "{root}" in body}
-        assert tables == set(SCHEMAS), f"views.sql and SCHEMAS disagree: {tables ^ set(SCHEMAS)}"
-        for name, body in views.items():
-            if "{root}" not in body:
-                continue
-            if any((root / name).glob("model=*/*.parquet")):
-                connection.execute(f"CREATE VIEW {name} AS " + body.replace("{root}", shown(root)))
+        for table in TABLES.values():
+            # One view per table over every study's files; a table with no file yet is empty but has its columns.
+            paths = sorted((root / table.name).glob("model=*/*.parquet"))
+            for path in paths:
+                if refusal := table.mismatch(file_metadata(path), path.parent.name.removeprefix("model=")):
+                    raise ValueError(refusal)
+            if paths:
+                connection.execute(f"CREATE VIEW {table.name} AS SELECT * FROM read_parquet("
+                                   f"'{shown(root)}/{table.name}/model=*/*.parquet', hive_partitioning = true)")
             else:
                 # The hive partition column `model` comes with the files; an empty view gets it too.
-                connection.register(name, SCHEMAS[name].append(pa.field("model", pa.string())).empty_table())
-        for name, body in views.items():
-            if "{root}" not in body:
-                connection.execute(f"CREATE VIEW {name} AS {body}")
+                connection.register(table.name, table.schema.append(pa.field("model", pa.string())).empty_table())
+        for name, body in _VIEW.findall(files("warehouse").joinpath("views.sql").read_text()):
+            connection.execute(f"CREATE VIEW {name} AS {body}")
         yield ReadOnlyWarehouse(connection)
     finally:
         connection.close()

@@ -1,15 +1,42 @@
+from dataclasses import replace
+
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.cli import main
-import pyarrow.parquet as pq
-
+from refusal_core.parquet import write_parquet
+from refusal_core.tables import TABLES
 from warehouse.query import connect, named_queries
 
 
-def test_views_are_empty_but_typed_before_anything_is_materialized(tmp_path):
+def test_every_catalogued_table_is_a_view_empty_but_typed_before_anything_is_materialized(tmp_path):
     with connect(tmp_path) as warehouse:
         assert warehouse.sql("SELECT count(*) FROM prompts").fetchall() == [(0,)]
-        assert "activation" in warehouse.sql("SELECT * FROM activations").columns
+        for name, table in TABLES.items():
+            assert warehouse.sql(f"SELECT * FROM {name}").columns == [*table.schema.names, "model"], name
+
+
+def test_a_partition_of_an_older_schema_version_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    import dagster as dg
+
+    from pipelines.io_manager import ParquetIOManager
+
+    saes = TABLES["saes"]
+    write_parquet(tmp_path / "saes" / "model=s" / "data.parquet", saes.schema, saes.schema.empty_table().to_batches(),
+                  saes.file_metadata())
+    with connect(tmp_path) as warehouse:
+        assert warehouse.sql("SELECT count(*) FROM saes").fetchall() == [(0,)]
+    monkeypatch.setitem(TABLES, "saes", replace(saes, version=2))  # the code moves on
+    refusal = ("saes of study s was written with schema version 1 of table saes (this code reads version 2); "
+               "re-run `refusal-sae run --study s --from saes`.")
+    with pytest.raises(ValueError) as refused:
+        with connect(tmp_path):
+            pass
+    assert str(refused.value) == refusal
+    context = dg.build_input_context(asset_key=dg.AssetKey("saes"), partition_key="s")
+    with pytest.raises(ValueError) as refused:
+        ParquetIOManager(root=str(tmp_path)).load_input(context)
+    assert str(refused.value) == refusal
 
 
 def test_queries_cannot_change_the_warehouse(tmp_path):

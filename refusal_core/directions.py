@@ -1,4 +1,5 @@
-"""Refusal directions: float64 difference in means per layer and position, and the pure maths of choosing one."""
+"""Refusal directions: float64 difference in means per layer and position, the candidates and their scores, and the
+directions per harm category; readers of the stored direction tables."""
 
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import Tensor
+
+from refusal_core.activations import INSTRUCTION_TOKEN
+from refusal_core.tables import DIRECTIONS
 
 
 @dataclass(frozen=True)
@@ -137,3 +141,91 @@ def direction_row(category_directions: pa.Table, name: str) -> dict:
     if len(rows) != 1:
         raise ValueError(f"The category_directions table has {len(rows)} rows named {name!r}; re-materialize it.")
     return rows[0]
+
+
+@dataclass(frozen=True)
+class DirectionCandidates:
+    """Every candidate refusal direction (harmful minus harmless mean at each layer x post-instruction position) and its score."""
+
+    layers: list[int]
+    positions: list[int]
+    directions: Tensor
+    """Float64, [layers, positions, d_model]."""
+    scores: Tensor
+    """Cosine score of each candidate, [layers, positions]."""
+    allowed: list[int]
+    """Layers a direction may be selected from."""
+    shortlist: list[tuple[int, int]]
+    """The (layer, position) of the best candidates by cosine score in the allowed layers, best first."""
+    by_cosine: tuple[int, int]
+    """The output-free choice: the best candidate by cosine score in the allowed layers."""
+    tokens: dict[int, str]
+    """Position -> its template token."""
+
+    def at(self, layer: int, position: int) -> Tensor:
+        """The [d_model] candidate at (layer, position)."""
+        return self.directions[self.layers.index(layer), self.positions.index(position)]
+
+
+def direction_candidates(activations: pa.Table, harmful: set[str], harmless: set[str], n_layers: int,
+                         k: int) -> DirectionCandidates:
+    """The candidates from the stored post-instruction activations of the `harmful` and `harmless` prompt ids, with a shortlist of `k`."""
+    template_rows = activations.filter(pc.not_equal(activations["token"], INSTRUCTION_TOKEN))
+    means = mean_activations(template_rows.to_batches(max_chunksize=4096), {"harmful": harmful, "harmless": harmless})
+    directions = difference_in_means(means, "harmful", "harmless")  # [L, P, d] float64
+    scores = cosine_scores(directions, means.of("harmful"), means.of("harmless"))
+    allowed = eligible_layers(n_layers)
+    return DirectionCandidates(means.layers, means.positions, directions, scores, allowed,
+                               top_candidates(scores, means.layers, means.positions, allowed, k),
+                               top_candidates(scores, means.layers, means.positions, allowed, 1)[0], position_names(activations))
+
+
+MIN_CATEGORY_PROMPTS = 5
+"""Fewest prompts of a harm category that get a direction of their own."""
+
+
+@dataclass(frozen=True)
+class CategoryDirections:
+    """The category_directions stage's result: a direction per group, read where the refusal direction was selected."""
+
+    rows: list[dict]
+    """DIRECTIONS rows, by name, then the refusal direction."""
+    skipped: dict[str, int]
+    """Harm categories with too few prompts for a direction, and their prompt counts."""
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rows, schema=DIRECTIONS)
+
+
+def directions_by_category(prompts: pa.Table, activations: pa.Table, refusal_directions: pa.Table) -> CategoryDirections:
+    """A direction per harm category (with MIN_CATEGORY_PROMPTS or more stored prompts) and for over-refusal at the refusal
+    direction's layer and position, and a harmfulness direction at the instruction's last token, each minus harmless."""
+    chosen = refusal_directions.filter(refusal_directions["selected"]).to_pylist()[0]
+    layer, position = chosen["layer_index"], chosen["position"]
+    refusal = torch.tensor(chosen["direction"], dtype=torch.float64)
+    captured = prompts.filter(pc.is_in(prompts["prompt_id"], activations["prompt_id"].unique()))
+    rows_of = lambda label: captured.filter(pc.equal(captured["label"], label))  # noqa: E731
+    groups = {label: set(rows_of(label)["prompt_id"].to_pylist()) for label in ("harmless", "harmful", "over_refusal")}
+    harmful, skipped = rows_of("harmful"), {}
+    for category in sorted(set(harmful["category"].to_pylist())):
+        members = harmful.filter(pc.equal(harmful["category"], category))["prompt_id"].to_pylist()
+        if len(members) >= MIN_CATEGORY_PROMPTS:
+            groups[f"category:{category}"] = set(members)
+        else:
+            skipped[category] = len(members)
+    at_layer = activations.filter(pc.equal(activations["layer_index"], layer))
+    instruction = int(pc.min(at_layer["position"]).as_py())
+    means = mean_activations(at_layer.to_batches(max_chunksize=4096), groups)
+    tokens = position_names(at_layer)
+    places = {name: position for name in groups if name not in ("harmless", "harmful")} | {"harmfulness": instruction}
+    rows = []
+    for name, place in sorted(places.items()):
+        group = "harmful" if name == "harmfulness" else name
+        vector = difference_in_means(means, group, "harmless")[0, means.positions.index(place)]
+        rows.append({"model_key": chosen["model_key"], "name": name, "layer_index": layer, "position": place,
+                     "token": tokens.get(place, ""), "n_prompts": means.counts[means.groups.index(group)],
+                     "cosine_with_refusal": float(torch.nn.functional.cosine_similarity(vector, refusal, dim=0)),
+                     "direction": vector.tolist()})
+    rows.append({"model_key": chosen["model_key"], "name": "refusal", "layer_index": layer, "position": position,
+                 "token": chosen["token"], "n_prompts": 0, "cosine_with_refusal": 1.0, "direction": chosen["direction"]})
+    return CategoryDirections(rows, skipped)

@@ -1,19 +1,27 @@
-"""Linear probes that predict refusal, and one-threshold classifiers on a direction, with bootstrap intervals."""
+"""Linear probes that predict refusal, and one-threshold classifiers on a direction, with bootstrap intervals: the
+probes' training set, the refusal_probes table and the latent guard table."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from refusal_core.readouts import projections
+from refusal_core.directions import direction_row
+from refusal_core.evaluation import bootstrap_interval
+from refusal_core.features import refusal_members
+from refusal_core.prompts import wrapped_prompts
+from refusal_core.readouts import feature_activations, projections, residual_vectors
+from refusal_core.saes import LoadedSae
+from refusal_core.tables import LATENT_GUARD, PROBE_RESULTS
 
 MIN_PER_CLASS = 5
 """Fewest rows of each class a probe is fitted or tested on; with fewer, no number is reported."""
@@ -111,3 +119,151 @@ def _resample(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Row indices drawn with replacement within each class, keeping the class sizes."""
     parts = [rng.choice(np.flatnonzero(labels == value), size=int(np.sum(labels == value))) for value in (0, 1)]
     return np.concatenate(parts)
+
+
+Reader = Callable[[pa.Table], tuple[list[str], np.ndarray]]
+"""Reads (prompt ids in id order, features [n, width]) from an activations table."""
+
+
+@dataclass(frozen=True)
+class ProbeInput:
+    """What a probe reads: its features from an activations table, their width and their layer (None for latent sets)."""
+
+    read: Reader | None
+    """None when there is nothing to read (the dense residual, whose layer needs a train set to be chosen)."""
+    width: int
+    layer: int | None
+
+
+def judged_refusals(generations: pa.Table, labels: tuple[str, ...]) -> dict[str, bool]:
+    """prompt id -> refused (substring judge) for the generations of the given labels."""
+    rows = generations.filter(pc.is_in(generations["label"], pa.array(labels)))
+    return dict(zip(rows["prompt_id"].to_pylist(), rows["refused_substring"].to_pylist()))
+
+
+def probe_training_set(behaviour: pa.Table, exclude: set[str]) -> dict[str, bool]:
+    """The probes' train rows, prompt id -> refused: the stored harmful prompts the model refuses and the harmless ones it
+    answers (by refusal score, the prompt_behaviour table), in prompt-id order, leaving out `exclude`.
+
+    Prompts whose behaviour goes against their label are left out, with no fallback (unlike `behaviour.behaving`): a probe
+    fitted on mislabelled rows would measure nothing, so too few rows give a note instead of a number.
+    """
+    rows = behaviour.filter(pc.is_in(behaviour["label"], pa.array(["harmful", "harmless"]))).sort_by("prompt_id")
+    return {i: label == "harmful" for i, label, refused in zip(*(rows[c].to_pylist() for c in ("prompt_id", "label", "refused")))
+            if (label == "harmful") == refused and i not in exclude}
+
+
+def probe_inputs(prompts: pa.Table, saes: Mapping[int, LoadedSae], feature_sets: pa.Table,
+                 category_directions: pa.Table) -> dict[str, ProbeInput]:
+    """The probes other than the dense residual: the refusal features and random latents (mean over the post-instruction
+    tokens) and the projections on the refusal and harmfulness directions (at their own place)."""
+    def latents(name: str) -> ProbeInput:
+        members = refusal_members(feature_sets, name)
+        return ProbeInput(lambda table: feature_activations(table, prompts, saes, members), len(members), None)
+
+    def direction(name: str) -> ProbeInput:
+        row = direction_row(category_directions, name)
+        return ProbeInput(lambda table: _column(projections(table, row)), 1, row["layer_index"])
+
+    return {"refusal_features": latents("cossim_ap"), "random_latents": latents("random"),
+            "refusal_direction": direction("refusal"), "harmfulness_direction": direction("harmfulness")}
+
+
+@dataclass(frozen=True)
+class ProbeResults:
+    """The refusal_probes stage's result."""
+
+    rows: list[dict]
+    """PROBE_RESULTS rows, by probe then test set."""
+    notes: list[str]
+    """Why numbers are missing, each once."""
+    dense: tuple[int, float] | None
+    """The dense residual probe's layer and its cross-validated accuracy; None without a train set."""
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pylist(self.rows, schema=PROBE_RESULTS)
+
+
+def probe_table(model_key: str, activations: pa.Table, eval_activations: pa.Table, train: dict[str, bool],
+                tests: Mapping[str, dict[str, bool]], inputs: Mapping[str, ProbeInput], d_model: int, n_seeds: int,
+                seed: int = 0) -> ProbeResults:
+    """Fit each probe on the `train` rows (read from `activations`) and score it on each test set (read from `eval_activations`).
+
+    `train` and `tests` map prompt ids to refused; `inputs` are the probes besides the dense residual, which reads the
+    layer whose residual a probe separates best on the train rows (cross-validated).
+    """
+    train_y = np.array([train[i] for i in sorted(train)], dtype=int)
+    train_note = too_few(train_y, "The train set (stored harmful prompts refused, harmless answered)")
+    inputs, dense = dict(inputs), None
+    if train_note is None:
+        layers = sorted(set(activations["layer_index"].to_pylist()))
+        by_layer = {layer: _select(residual_vectors(activations, layer), train)[0] for layer in layers}
+        dense = best_layer(by_layer, train_y, seed)
+        inputs["dense_residual"] = ProbeInput(lambda table, layer=dense[0]: residual_vectors(table, layer), d_model, dense[0])
+    else:
+        inputs["dense_residual"] = ProbeInput(None, d_model, None)
+    rows = []
+    for probe, item in sorted(inputs.items()):
+        base = {"model_key": model_key, "probe": probe, "n_features": item.width, "layer_index": item.layer,
+                "n_train_refused": int(train_y.sum()), "n_train_complied": int(len(train_y) - train_y.sum()),
+                "n_seeds": n_seeds}
+        evaluated = item.read(eval_activations) if item.read else None
+        sets = {name: _select(evaluated, labels) if item.read else (None, np.array(list(labels.values()), dtype=int))
+                for name, labels in tests.items()}
+        notes = {name: train_note or too_few(y, f"The {name.replace('_', '-')} test set") for name, (_, y) in sets.items()}
+        scored = {}
+        if train_note is None:
+            train_x, _ = _select(item.read(activations), train)
+            scored = probe_scores(train_x, train_y, {n: s for n, s in sets.items() if notes[n] is None}, n_seeds, seed)
+        for name, (_, y) in sets.items():
+            row = base | {"test_set": name, "n_refused": int(y.sum()), "n_complied": int(len(y) - y.sum()), "note": notes[name]}
+            if name in scored:
+                row |= vars(scored[name])
+            rows.append(row)
+    return ProbeResults(rows, list(dict.fromkeys(r["note"] for r in rows if r["note"])), dense)
+
+
+def guard_table(model_key: str, prompts: pa.Table, activations: pa.Table, eval_activations: pa.Table,
+                baseline_generations: pa.Table, jailbreak_generations: pa.Table, category_directions: pa.Table,
+                seed: int = 0) -> pa.Table:
+    """LATENT_GUARD rows: the share of each eval set (harmful, harmless, each jailbreak family) flagged harmful by a
+    threshold on the harmfulness direction, by one on the refusal direction (each fitted on the stored harmful vs
+    harmless prompts, not those the jailbreaks wrap) and by the substring judge on the model's answer, with intervals."""
+    families = dict(zip(prompts["prompt_id"].to_pylist(), prompts["source"].to_pylist()))
+    judged = {**judged_refusals(baseline_generations, ("harmful", "harmless")),
+              **judged_refusals(jailbreak_generations, ("jailbreak",))}
+    labels = dict(zip(baseline_generations["prompt_id"].to_pylist(), baseline_generations["label"].to_pylist()))
+    eval_sets: dict[str, list[str]] = {}
+    for prompt_id in sorted(judged):
+        eval_sets.setdefault(labels.get(prompt_id) or f"jailbreak:{families[prompt_id]}", []).append(prompt_id)
+    classifiers = {}
+    for name in ("harmfulness", "refusal"):
+        row = direction_row(category_directions, name)
+        threshold = fitted_threshold(activations, prompts, row, wrapped_prompts(prompts, jailbreak_generations))
+        classifiers[f"{name}_direction"] = (threshold, {i: v > threshold for i, v in projections(eval_activations, row).items()})
+    classifiers["substring_judge"] = (None, judged)
+    rows = []
+    for classifier, (threshold, flagged) in classifiers.items():
+        for eval_set, ids in sorted(eval_sets.items()):
+            verdicts = [flagged[i] for i in ids]
+            low, high = bootstrap_interval(verdicts, seed=seed)
+            rows.append({"model_key": model_key, "classifier": classifier, "eval_set": eval_set, "threshold": threshold,
+                         "n_prompts": len(ids), "flagged_rate": float(np.mean(verdicts)), "ci_low": low, "ci_high": high})
+    return pa.Table.from_pylist(rows, schema=LATENT_GUARD)
+
+
+def _column(values: dict[str, float]) -> tuple[list[str], np.ndarray]:
+    ids = sorted(values)
+    return ids, np.array([[values[i]] for i in ids])
+
+
+def _select(read: tuple[list[str], np.ndarray], labels: dict[str, bool]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of `read` (ids, features) for the prompts in `labels`, in id order, with their 0/1 labels."""
+    ids, features = read
+    index = {prompt_id: i for i, prompt_id in enumerate(ids)}
+    missing = [i for i in labels if i not in index]
+    if missing:
+        raise ValueError(f"{len(missing)} prompts have no stored activations (e.g. {missing[0]}); re-materialize "
+                         "activations and eval_activations.")
+    chosen = sorted(labels)
+    return features[[index[i] for i in chosen]], np.array([labels[i] for i in chosen], dtype=int)

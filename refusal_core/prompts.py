@@ -187,6 +187,10 @@ def prompts_of(prompts: pa.Table, label: str, split: str, limit: int, source: st
     return chosen
 
 
+EVAL_SETS = ("harmful", "harmless", "over_refusal")
+"""Labels of the eval sets (`eval_prompts`)."""
+
+
 def eval_prompts(prompts: pa.Table, limit: int) -> pa.Table:
     """The eval sets: HarmBench harmful, harmless and over-refusal prompts of the test split."""
     return pa.concat_tables([

@@ -5,12 +5,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import pyarrow as pa
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from refusal_core.behaviour import behaving, chat_texts
+from refusal_core.directions import DirectionCandidates, direction_candidates
 from refusal_core.interventions import Ablate, Add
-from refusal_core.scoring import answer_log_probs, kl_divergence, refusal_score
+from refusal_core.models import LoadedModel
+from refusal_core.prompts import prompts_of
+from refusal_core.scoring import answer_log_probs, kl_divergence, refusal_score, refusal_token_ids
+from refusal_core.tables import DIRECTION_CANDIDATES
 
 MAX_KL = 0.1
 """Largest mean KL on harmless prompts that ablating a candidate may cause (refusal_direction's bound)."""
@@ -74,3 +80,73 @@ def choose(evaluations: Sequence[CandidateEvaluation]) -> tuple[CandidateEvaluat
     passing = [e for e in evaluations if e.passes]
     pool = passing or list(evaluations)
     return min(pool, key=lambda e: e.ablation_refusal_score), bool(passing)
+
+
+@dataclass(frozen=True)
+class DirectionSelection:
+    """The refusal_directions stage's result: every candidate, what the shortlisted ones do, and the one selected."""
+
+    model_key: str
+    candidates: DirectionCandidates
+    evaluations: list[CandidateEvaluation]
+    best: CandidateEvaluation
+    passed: bool
+    """Whether the selected candidate passes the filters (else it is the best by ablation)."""
+    n_train: dict[str, int]
+    """Train prompts averaged per side (harmful, harmless)."""
+    notes: list[str]
+    """Warnings: refusal filters skipped, no candidate passing."""
+
+    def table(self) -> pa.Table:
+        """DIRECTION_CANDIDATES rows, one per (layer, position) in that order."""
+        c = self.candidates
+        measured = {(e.layer, e.position): e for e in self.evaluations}
+        rows = []
+        for i, layer in enumerate(c.layers):
+            for j, position in enumerate(c.positions):
+                e = measured.get((layer, position))
+                rows.append({
+                    "model_key": self.model_key, "layer_index": layer, "position": position,
+                    "token": c.tokens.get(position, ""), "norm": float(c.directions[i, j].norm()),
+                    "cosine_score": float(c.scores[i, j]), "evaluated": e is not None,
+                    "ablation_refusal_score": e.ablation_refusal_score if e else None,
+                    "addition_refusal_score": e.addition_refusal_score if e else None, "kl": e.kl if e else None,
+                    "passes_filters": (e.passes and layer in c.allowed) if e else None,
+                    "selected": e is self.best, "selected_by_cosine": (layer, position) == c.by_cosine,
+                    "direction": c.directions[i, j].tolist(),
+                })
+        return pa.Table.from_pylist(rows, schema=DIRECTION_CANDIDATES)
+
+    def metadata(self) -> dict:
+        best, by_cosine = self.best, self.candidates.by_cosine
+        return {"selected_layer": best.layer, "selected_position": best.position,
+                "selected_token": self.candidates.tokens.get(best.position, ""),
+                "ablation_refusal_score": best.ablation_refusal_score, "addition_refusal_score": best.addition_refusal_score,
+                "kl": best.kl, "passes_filters": self.passed, "selected_by_cosine": f"layer {by_cosine[0]}, position {by_cosine[1]}",
+                "n_train_harmful": self.n_train["harmful"], "n_train_harmless": self.n_train["harmless"]}
+
+
+def select_refusal_direction(loaded: LoadedModel, prompts: pa.Table, activations: pa.Table,
+                             behaviour: pa.Table) -> DirectionSelection:
+    """Difference in means over the refused harmful and answered harmless train prompts (by `behaviour`, the
+    prompt_behaviour table), the best candidates by cosine score evaluated on val prompts, and the choice among them.
+
+    Candidates are measured on the refused harmful val prompts and on harmless val prompts (`selection_prompts` each).
+    """
+    settings = loaded.study.settings
+    harmful = behaving(behaviour, "harmful", "train", refused=True)
+    harmless = behaving(behaviour, "harmless", "train", refused=False)
+    candidates = direction_candidates(activations, set(harmful.prompt_ids), set(harmless.prompt_ids), loaded.n_layers,
+                                      settings.direction_candidates)
+    val_harmful = behaving(behaviour, "harmful", "val", refused=True, limit=settings.selection_prompts)
+    val_harmless = prompts_of(prompts, "harmless", "val", settings.selection_prompts)["prompt_id"].to_pylist()
+    evaluations = evaluate_candidates(
+        loaded.model, loaded.tokenizer, {c: candidates.at(*c) for c in candidates.shortlist},
+        chat_texts(loaded, prompts, val_harmful.prompt_ids), chat_texts(loaded, prompts, val_harmless),
+        refusal_token_ids(loaded.tokenizer), settings.batch_size)
+    best, passed = choose(evaluations)
+    notes = [b.note for b in (harmful, harmless, val_harmful) if b.note]
+    if not passed:
+        notes.append("No candidate passed the filters (addition score > 0, KL <= 0.1); kept the best by ablation.")
+    return DirectionSelection(loaded.study.key, candidates, evaluations, best, passed,
+                              {"harmful": len(harmful.prompt_ids), "harmless": len(harmless.prompt_ids)}, notes)

@@ -67,3 +67,19 @@ def test_ratio_interval_of_a_rarely_firing_latent_is_left_out_and_noise_gets_a_w
     point, low, high = ratio_interval(changes, baselines)
     assert low[0] < point[0] < high[0] and high[0] - low[0] > 0.2
     assert np.isnan(point[1]) and np.isnan(low[1]) and np.isnan(high[1])
+
+
+def test_the_probe_training_set_is_the_refused_harmful_and_answered_harmless_prompts_by_id():
+    import pyarrow as pa
+
+    from refusal_core.probes import probe_training_set
+    from refusal_core.tables import PROMPT_BEHAVIOUR
+
+    rows = [("h3", "harmful", 2.0), ("h1", "harmful", 0.5), ("h2", "harmful", -1.0), ("s2", "harmless", -0.2),
+            ("s1", "harmless", 1.5), ("s3", "harmless", 0.0), ("o1", "over_refusal", 3.0), ("h4", "harmful", 1.0)]
+    behaviour = pa.Table.from_pylist([{"model_key": "m", "prompt_id": i, "label": label, "split": "train",
+                                       "refusal_score": score, "refused": score > 0} for i, label, score in rows],
+                                     schema=PROMPT_BEHAVIOUR)
+    train = probe_training_set(behaviour, exclude={"h4"})
+    # Prompts doing the opposite of their label (h2 answered, s1 refused) are left out, not relabelled.
+    assert list(train.items()) == [("h1", True), ("h3", True), ("s2", False), ("s3", False)]

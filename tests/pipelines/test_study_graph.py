@@ -120,6 +120,9 @@ def _check_report(path, key):
 
 def _check_direction_tables(warehouse, key):
     read = lambda name: pq.read_table(warehouse / name / f"model={key}" / "data.parquet")  # noqa: E731
+    behaviour = read("prompt_behaviour").to_pylist()
+    assert [r["prompt_id"] for r in behaviour] == sorted(set(read("activations")["prompt_id"].to_pylist()))
+    assert all(r["refused"] == (r["refusal_score"] > 0) for r in behaviour)
     candidates = read("refusal_directions")
     selected = candidates.filter(candidates["selected"]).to_pylist()
     assert len(selected) == 1 and selected[0]["evaluated"] and len(selected[0]["direction"]) == 64

@@ -270,7 +270,8 @@ def spliced(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_f
 
     `edit` maps the latents [batch, seq, d_sae] to the latents to decode (clamping, patching); without
     it they are decoded as encoded. With `use_error_term`, the reconstruction error x - sae(x) of the
-    unedited latents is added back, so with no edit the model's outputs are unchanged up to rounding.
+    unedited latents is added back: the output is x plus the decoded change of the latents, computed as
+    that difference, so an edit that changes no latent (or no edit) leaves x exactly as it was.
     Positions whose position id is below `skip_first` (the template prefix) pass through untouched.
     """
     _check_sae(sae, layer, int(model.config.hidden_size), "given")
@@ -279,10 +280,9 @@ def spliced(model: nn.Module, sae: SAE, layer: int, use_error_term: bool, skip_f
     def reconstruct(hidden: Tensor) -> Tensor:
         x = hidden.to(weight.dtype)  # [batch, seq, d_model]
         latents = sae.encode(x)  # [batch, seq, d_sae]
-        recon = sae.decode(latents)  # [batch, seq, d_model]
-        edited = recon if edit is None else sae.decode(edit(latents))
+        edited = sae.decode(latents if edit is None else edit(latents))  # [batch, seq, d_model]
         if use_error_term:
-            edited = edited + (x - recon).detach()
+            edited = x.detach() + (edited - sae.decode(latents).detach())
         return edited.to(hidden.dtype)
 
     return _replacing(model, layer, reconstruct, skip_first)

@@ -92,6 +92,11 @@ def test_clamp_moves_the_block_output_by_exactly_the_decoded_change(tiny_models,
         expected = change @ sae.W_dec
     assert expected.abs().max() > 1e-3  # some chosen latent fires
     assert torch.allclose(clamped[1] - clean[1], expected, atol=1e-4)
+    silent = int((latents.amax((0, 1)) == 0).nonzero()[0])  # a latent that never fires on these prompts
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        with intervene(model, Clamp((SaeLatents(1, sae, "f" * 64, (silent,)),), factor=-2.0)):
+            assert torch.equal(model(**inputs).logits, logits)  # no latent changes, nothing changes: not even rounding
 
 
 def test_head_and_clamp_bad_input_is_one_clear_error(qwen):

@@ -150,7 +150,7 @@ def _generate(args: argparse.Namespace) -> int:
     texts = [format_prompt(loaded.tokenizer, row["text"], study.chat_template) for row in rows]
     table = judged_generations(
         loaded.model, loaded.tokenizer, texts, [prompt_id(row["text"]) for row in rows], [row["category"] for row in rows],
-        study.key, refusal_token_ids(loaded.tokenizer), intervention,
+        study.key, refusal_token_ids(loaded.model, loaded.tokenizer), intervention,
         args.max_new_tokens or study.settings.max_new_tokens, study.settings.batch_size,
         classifier, [row["text"] for row in rows])
     write_parquet(args.out, GENERATIONS, table.to_batches(), {"refusal_sae.model_source": loaded.source,

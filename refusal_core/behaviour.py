@@ -24,7 +24,7 @@ def behaviour_table(loaded: LoadedModel, prompts: pa.Table, activations: pa.Tabl
     chosen = prompts.filter(pc.is_in(prompts["prompt_id"], pa.array(ids, pa.string()))).sort_by("prompt_id")
     texts = chat_texts(loaded, chosen, chosen["prompt_id"].to_pylist())
     log_probs = answer_log_probs(loaded.model, loaded.tokenizer, texts, None, loaded.study.settings.batch_size)
-    scores = refusal_score(log_probs, refusal_token_ids(loaded.tokenizer)).tolist()
+    scores = refusal_score(log_probs, refusal_token_ids(loaded.model, loaded.tokenizer)).tolist()
     return pa.table({"model_key": [loaded.study.key] * len(scores), "prompt_id": chosen["prompt_id"],
                      "label": chosen["label"], "split": chosen["split"], "refusal_score": scores,
                      "refused": [score > 0 for score in scores]}, schema=PROMPT_BEHAVIOUR)

@@ -98,7 +98,7 @@ def judge_jailbreaks(model_key: str, model: PreTrainedModel, tokenizer: PreTrain
         texts = [format_prompt(tokenizer, t, chat_template) for t in subset["text"].to_pylist()]
         tables.append(judged_generations(
             model, tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(), model_key,
-            refusal_token_ids(tokenizer), None, max_new_tokens, batch_size, classifier, subset["text"].to_pylist()))
+            refusal_token_ids(model, tokenizer), None, max_new_tokens, batch_size, classifier, subset["text"].to_pylist()))
     return JudgedJailbreaks(chosen, pa.concat_tables(tables))
 
 

@@ -12,13 +12,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import last_index, prefix_cache, tokenize_batch
 from refusal_core.interventions import Intervention, intervene
-from refusal_core.layouts import REFUSAL_WORDS
+from refusal_core.layouts import layout_of
 
 
-
-def refusal_token_ids(tokenizer: PreTrainedTokenizerBase, words: Sequence[str] = REFUSAL_WORDS) -> list[int]:
-    """The first token of each refusal word, as the model would start its answer with it."""
-    ids = {tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in words}
+def refusal_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The first token of each of the model family's refusal words, as the model would start its answer with it."""
+    ids = {tokenizer(word, add_special_tokens=False)["input_ids"][0] for word in layout_of(model).refusal_words}
     return sorted(ids)
 
 

@@ -143,7 +143,7 @@ def select_refusal_direction(loaded: LoadedModel, prompts: pa.Table, activations
     evaluations = evaluate_candidates(
         loaded.model, loaded.tokenizer, {c: candidates.at(*c) for c in candidates.shortlist},
         chat_texts(loaded, prompts, val_harmful.prompt_ids), chat_texts(loaded, prompts, val_harmless),
-        refusal_token_ids(loaded.tokenizer), settings.batch_size)
+        refusal_token_ids(loaded.model, loaded.tokenizer), settings.batch_size)
     best, passed = choose(evaluations)
     notes = [b.note for b in (harmful, harmless, val_harmful) if b.note]
     if not passed:

@@ -74,7 +74,7 @@ def judged_interventions(loaded: LoadedModel, eval_set: pa.Table, applied: Appli
         texts = [format_prompt(tokenizer, text, loaded.study.chat_template) for text in instructions]
         table = judged_generations(
             loaded.model, tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(),
-            loaded.study.key, refusal_token_ids(tokenizer), intervention, settings.max_new_tokens, settings.batch_size,
+            loaded.study.key, refusal_token_ids(loaded.model, tokenizer), intervention, settings.max_new_tokens, settings.batch_size,
             classifier, instructions)
         refused = pc.mean(table["refused_substring"].cast(pa.float64())).as_py()
         log(f"{describe(intervention).name}: {100 * refused:.0f}% of {subset.num_rows} {'/'.join(labels)} prompts refused (substring).")

@@ -50,6 +50,6 @@ def test_behaviour_table_scores_every_stored_prompt_once_in_id_order(tiny_regist
     assert table.schema == PROMPT_BEHAVIOUR
     assert table["prompt_id"].to_pylist() == ["a1", "c3"] and table["label"].to_pylist() == ["harmless", "harmful"]
     alone = [float(refusal_score(answer_log_probs(model, tokenizer, [format_prompt(tokenizer, texts[i], "tokenizer")]),
-                                 refusal_token_ids(tokenizer))[0]) for i in ("a1", "c3")]
+                                 refusal_token_ids(model, tokenizer))[0]) for i in ("a1", "c3")]
     assert torch.allclose(torch.tensor(table["refusal_score"].to_pylist()), torch.tensor(alone), atol=1e-4)
     assert table["refused"].to_pylist() == [s > 0 for s in table["refusal_score"].to_pylist()]

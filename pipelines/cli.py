@@ -200,6 +200,8 @@ def _show(sql: str, out: Path | None) -> int:
     from warehouse.query import connect, write_result
 
     with connect(paths.warehouse_root()) as connection:
+        for refusal in connection.stale.values():
+            print(f"refusal-sae: left out of every view: {refusal}", file=sys.stderr)
         relation = connection.sql(sql)
         if out:
             write_result(relation, out)

@@ -23,30 +23,35 @@ _VIEW = re.compile(r"CREATE VIEW (\w+) AS\s+(.*?);", re.S)
 def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
     """A DuckDB connection over the Parquet files under `root` (a folder or an object-store URL), accepting only queries.
 
-    A file written with another schema version than its table's catalogue entry is refused, in one sentence
-    naming the run that rewrites it, rather than read with the wrong columns.
+    A study's file written with another schema version than its table's catalogue entry is left out of
+    the views rather than read with the wrong columns; `ReadOnlyWarehouse.stale` holds, per study, the
+    sentence naming the run that rewrites it, and `rows` of that study raises it.
     """
     check_readable(root)
     connection = duckdb.connect()
     if is_remote(root):
         # DuckDB reads the store through the same fsspec filesystem the pipeline writes with.
         connection.register_filesystem(root.fs)
+    stale: dict[str, str] = {}
     try:
         for table in TABLES.values():
-            # One view per table over every study's files; a table with no file yet is empty but has its columns.
-            paths = sorted((root / table.name).glob("model=*/*.parquet"))
-            for path in paths:
-                if refusal := table.mismatch(file_metadata(path), path.parent.name.removeprefix("model=")):
-                    raise ValueError(refusal)
-            if paths:
+            # One view per table over every study's current files; a table with no such file is empty but has its columns.
+            current = []
+            for path in sorted((root / table.name).glob("model=*/*.parquet")):
+                study = path.parent.name.removeprefix("model=")
+                if refusal := table.mismatch(file_metadata(path), study):
+                    stale.setdefault(study, refusal)
+                else:
+                    current.append(f"'{shown(root)}/{table.name}/{path.parent.name}/{path.name}'")
+            if current:
                 connection.execute(f"CREATE VIEW {table.name} AS SELECT * FROM read_parquet("
-                                   f"'{shown(root)}/{table.name}/model=*/*.parquet', hive_partitioning = true)")
+                                   f"[{', '.join(current)}], hive_partitioning = true)")
             else:
                 # The hive partition column `model` comes with the files; an empty view gets it too.
                 connection.register(table.name, table.schema.append(pa.field("model", pa.string())).empty_table())
         for name, body in _VIEW.findall(files("warehouse").joinpath("views.sql").read_text()):
             connection.execute(f"CREATE VIEW {name} AS {body}")
-        yield ReadOnlyWarehouse(connection)
+        yield ReadOnlyWarehouse(connection, stale)
     finally:
         connection.close()
 
@@ -54,8 +59,10 @@ def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
 class ReadOnlyWarehouse:
     """Runs SELECT (and EXPLAIN) statements only, so a query cannot change the warehouse."""
 
-    def __init__(self, connection: duckdb.DuckDBPyConnection) -> None:
+    def __init__(self, connection: duckdb.DuckDBPyConnection, stale: dict[str, str] | None = None) -> None:
         self._connection = connection
+        self.stale = stale or {}
+        """Study -> the sentence refusing its files of an older schema version (left out of every view)."""
 
     def sql(self, query: str, params: list | None = None) -> duckdb.DuckDBPyRelation:
         statements = self._connection.extract_statements(query)
@@ -69,7 +76,9 @@ class ReadOnlyWarehouse:
         return self._connection.sql(query, params=params)
 
     def rows(self, query: str, study: str) -> list[dict]:
-        """The rows of `query` for one study (its `model` column), as dicts."""
+        """The rows of `query` for one study (its `model` column), as dicts; a ValueError if that study's files are stale."""
+        if study in self.stale:
+            raise ValueError(self.stale[study])
         return self.sql(f"SELECT * FROM ({query}) WHERE model = ?", [study]).to_arrow_table().to_pylist()
 
 

@@ -1,5 +1,6 @@
 from dataclasses import replace
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -29,9 +30,16 @@ def test_a_partition_of_an_older_schema_version_is_refused_in_one_sentence(tmp_p
     monkeypatch.setitem(TABLES, "saes", replace(saes, version=2))  # the code moves on
     refusal = ("saes of study s was written with schema version 1 of table saes (this code reads version 2); "
                "re-run `refusal-sae run --study s --from saes`.")
-    with pytest.raises(ValueError) as refused:
-        with connect(tmp_path):
-            pass
+    current = TABLES["saes"]
+    row = {f.name: "x" if pa.types.is_string(f.type) else 0 for f in current.schema}
+    write_parquet(tmp_path / "saes" / "model=t" / "data.parquet", current.schema,
+                  pa.Table.from_pylist([row], schema=current.schema).to_batches(), current.file_metadata())
+    with connect(tmp_path) as warehouse:  # the stale study is left out of every view and refused by name
+        assert warehouse.stale == {"s": refusal}
+        assert warehouse.sql("SELECT model, count(*) FROM saes GROUP BY model").fetchall() == [("t", 1)]
+        assert len(warehouse.rows("SELECT * FROM saes", "t")) == 1
+        with pytest.raises(ValueError) as refused:
+            warehouse.rows("SELECT * FROM saes", "s")
     assert str(refused.value) == refusal
     context = dg.build_input_context(asset_key=dg.AssetKey("saes"), partition_key="s")
     with pytest.raises(ValueError) as refused:

@@ -8,8 +8,9 @@ Points are named `KIND.LAYER`:
   post-norms on Gemma), [batch, seq, d_model];
 - `head_out.L`: block L's per-head attention outputs before the output projection, [batch, seq, n_heads, d_head].
 
-A hook function takes the activation and the position ids of the pass (`resid_*` points only; None
-elsewhere) and returns a replacement of the same shape, or None to leave it as it is.
+A hook function takes the activation and the position ids of the pass (where the hooked module is
+given them, as the blocks of `resid_*` points are; None elsewhere) and returns a replacement of the
+same shape, or None to leave it as it is.
 """
 
 from __future__ import annotations
@@ -44,7 +45,17 @@ def check_layers(layers: Sequence[int], n_layers: int) -> list[int]:
 
 def head_count(model: nn.Module) -> int:
     """Number of attention (query) heads per block."""
-    return int(model.config.num_attention_heads)
+    n_heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    if n_heads is None:
+        raise ValueError(f"The config of {type(model).__name__} has no num_attention_heads, so its heads cannot be told "
+                         "apart; hook head_out points only on a model whose config names its heads.")
+    return int(n_heads)
+
+
+def head_width(model: nn.Module) -> int:
+    """Width of one head's output: the attention output projection's input width over the number of heads."""
+    projection = module_at(decoder_layers(model)[0], layout_of(model).heads_in)
+    return int(projection.in_features) // head_count(model)
 
 
 def check_heads(model: nn.Module, heads: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -87,11 +98,10 @@ def hooks(model: nn.Module, points: Iterable[tuple[str, HookFn]]) -> Iterator[No
     """
     layout = layout_of(model)
     resolved = [(point, *hook_module(model, point, layout), fn) for point, fn in points]
-    n_heads = head_count(model)
     handles = []
     try:
         for point, module, reads_input, fn in resolved:
-            heads = n_heads if point.startswith("head_out.") else None
+            heads = head_count(model) if point.startswith("head_out.") else None
             handles.append(_register(module, reads_input, fn, heads))
         yield
     finally:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from refusal_core.hooks import HookFn, check_heads, check_layers, decoder_layers, head_count, hooks
+from refusal_core.hooks import HookFn, check_heads, check_layers, decoder_layers, head_count, head_width, hooks
 
 
 class Intervention(Protocol):
@@ -167,6 +167,10 @@ class HeadAblate:
     scale: float = 0.0
     kind = "head_ablate"
 
+    def __post_init__(self) -> None:
+        if not self.heads:
+            raise ValueError("HeadAblate needs at least one (layer, head) pair.")
+
     @property
     def name(self) -> str:
         verb = "ablate" if self.scale == 0 else f"scale ×{self.scale:g}"
@@ -192,14 +196,20 @@ class HeadPatch:
     """Replace attention heads' outputs by those recorded on another prompt (interchange intervention).
 
     `source` maps each layer to its recorded `head_out` activation [batch or 1, seq, n_heads, d_head]
-    (for instance from `hooks.record(model, ["head_out.L"])`); only the chosen heads are replaced, on
-    forward passes over sequences of the recorded length (the prompt). Later decoding steps run
-    unpatched, on the cache the patched prompt left.
+    (for instance from `hooks.record(model, ["head_out.L"])`), position for position: the patched
+    prompts must run whole, in one pass of the recorded length, with the same padding. Only the chosen
+    heads are replaced. Later one-token decoding steps run unpatched, on the cache the patched prompt
+    left; any other pass (a shared-prefix cache, a different length) is refused, since its positions
+    would not line up with the recording.
     """
 
     heads: tuple[tuple[int, int], ...]
     source: Mapping[int, Tensor]
     kind = "head_patch"
+
+    def __post_init__(self) -> None:
+        if not self.heads:
+            raise ValueError("HeadPatch needs at least one (layer, head) pair.")
 
     @property
     def name(self) -> str:
@@ -212,18 +222,23 @@ class HeadPatch:
 
     def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
         grouped = _by_layer(check_heads(model, self.heads))
-        n_heads = head_count(model)
+        n_heads, d_head = head_count(model), head_width(model)
         for layer, _ in grouped:
             shape = tuple(self.source[layer].shape) if layer in self.source else None
-            if shape is None or len(shape) != 4 or shape[2] != n_heads:
-                raise ValueError(f"HeadPatch needs a recorded head_out.{layer} of shape [batch, seq, {n_heads}, d_head]; "
+            if shape is None or len(shape) != 4 or shape[2:] != (n_heads, d_head):
+                raise ValueError(f"HeadPatch needs a recorded head_out.{layer} of shape [batch, seq, {n_heads}, {d_head}]; "
                                  f"got {shape}: record it with hooks.record(model, ['head_out.{layer}']).")
 
         def patched(layer: int, heads: list[int]) -> HookFn:
             def hook(outputs: Tensor, positions: Tensor | None) -> Tensor | None:
                 source = self.source[layer].to(outputs)
-                if outputs.shape[1] != source.shape[1]:
-                    return None
+                if outputs.shape[1] == 1 and source.shape[1] != 1:
+                    return None  # a decoding step after the patched prompt
+                if outputs.shape[1] != source.shape[1] or source.shape[0] not in (1, outputs.shape[0]):
+                    raise ValueError(
+                        f"HeadPatch recorded {source.shape[0]} sequence(s) of {source.shape[1]} tokens at layer {layer} but "
+                        f"the model ran {outputs.shape[0]} of {outputs.shape[1]}; run the same prompts whole, in one pass "
+                        "(no shared-prefix cache), as when recording.")
                 outputs = outputs.clone()
                 outputs[..., heads, :] = source[..., heads, :].expand_as(outputs[..., heads, :])
                 return outputs
@@ -269,8 +284,13 @@ def describe(intervention: Intervention | None) -> Description:
         return Description("none", "none", "none", "{}", None)
     parameters = json.dumps(intervention.parameters(), sort_keys=True, separators=(",", ":"))
     identity = hashlib.sha256(f"{intervention.kind}:{parameters}".encode()).hexdigest()[:12]
+    sets = [part.feature_set for part in _leaves(intervention) if getattr(part, "feature_set", "")]
     return Description(f"{intervention.kind}-{identity}", intervention.kind, intervention.name, parameters,
-                       getattr(intervention, "feature_set", None) or None)
+                       "+".join(sets) or None)
+
+
+def _leaves(intervention: Intervention) -> list[Intervention]:
+    return [leaf for part in intervention.parts for leaf in _leaves(part)] if isinstance(intervention, Compose) else [intervention]
 
 
 @contextmanager

@@ -5,7 +5,7 @@ from refusal_core.activations import tokenize_batch
 from refusal_core.hooks import decoder_layers, head_count, hooks, record, record_residual
 from refusal_core.interventions import (Ablate, Add, Clamp, Compose, HeadAblate, HeadPatch, SaeLatents, describe, intervene,
                                         project_out)
-from refusal_core.scoring import completion_cross_entropy, kl_divergence, refusal_score
+from refusal_core.scoring import answer_log_probs, completion_cross_entropy, kl_divergence, refusal_score
 from tests.tiny import FAMILIES, load_tiny, random_sae
 
 
@@ -22,10 +22,11 @@ def test_ablation_removes_the_direction_from_every_block_output(tiny_models, fam
     with torch.no_grad(), record_residual(model, [0, 1, 2]) as clean:
         model(**inputs)
     assert max(((h @ unit).abs() / h.norm(dim=-1)).max() for h in clean.values()) > 1e-2  # the test can fail
-    with torch.no_grad(), intervene(model, Ablate(direction)), record_residual(model, [0, 1, 2]) as recorded:
+    points = [f"{kind}.{layer}" for layer in range(3) for kind in ("attn_out", "mlp_out", "resid_post")]
+    with torch.no_grad(), intervene(model, Ablate(direction)), record(model, points) as recorded:
         model(**inputs)
-    for layer, hidden in recorded.items():
-        assert ((hidden @ unit).abs() / hidden.norm(dim=-1)).max() < 1e-4, layer
+    for point, hidden in recorded.items():  # every write into the residual stream, and the stream after each block
+        assert ((hidden @ unit).abs() / hidden.norm(dim=-1)).max() < 1e-4, point
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -100,13 +101,28 @@ def test_clamp_moves_the_block_output_by_exactly_the_decoded_change(tiny_models,
 
 
 def test_head_and_clamp_bad_input_is_one_clear_error(qwen):
-    model, _ = qwen
+    model, tokenizer = qwen
     with pytest.raises(ValueError, match="Head 4 of layer 1 is out of range: this model has heads 0 to 3"):
         with intervene(model, HeadAblate(((1, 4),))):
             pass
-    with pytest.raises(ValueError, match=r"HeadPatch needs a recorded head_out.1 of shape \[batch, seq, 4, d_head\]"):
-        with intervene(model, HeadPatch(((1, 0),), {1: torch.zeros(1, 3, 64)})):
-            pass
+    for source in (torch.zeros(1, 3, 64), torch.zeros(1, 3, 4, 8)):
+        with pytest.raises(ValueError, match=r"HeadPatch needs a recorded head_out.1 of shape \[batch, seq, 4, 16\]"):
+            with intervene(model, HeadPatch(((1, 0),), {1: source})):
+                pass
+    with pytest.raises(ValueError, match="HeadAblate needs at least one"):
+        HeadAblate(())
+    inputs = _inputs(tokenizer)  # 2 prompts
+    length = inputs["input_ids"].shape[1]
+    for source in (torch.zeros(3, length, 4, 16), torch.zeros(2, length + 1, 4, 16)):
+        with pytest.raises(ValueError, match=r"HeadPatch recorded \d sequence\(s\) of \d+ tokens at layer 1 but the model ran "
+                                             r"2 of \d+; run the same prompts whole, in one pass"), \
+                torch.no_grad(), intervene(model, HeadPatch(((1, 0),), {1: source})):
+            model(**inputs)
+    # The shared-prefix scoring path runs prompts in pieces: refused rather than patched out of line.
+    prompts = ["<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+               "<|im_start|>user\nName a colour<|im_end|>\n<|im_start|>assistant\n"]
+    with pytest.raises(ValueError, match="no shared-prefix cache"):
+        answer_log_probs(model, tokenizer, prompts, HeadPatch(((1, 0),), {1: torch.zeros(1, 7, 4, 16)}))
     with pytest.raises(ValueError, match="SAE given has width 32 but the model's residual stream has width 64"):
         with intervene(model, Clamp((SaeLatents(1, random_sae(layer=1, d_in=32), "f" * 64, (1,)),), factor=0.0)):
             pass

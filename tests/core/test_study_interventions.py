@@ -2,7 +2,7 @@ import pyarrow as pa
 import torch
 
 from refusal_core.hooks import record_residual
-from refusal_core.interventions import describe, intervene
+from refusal_core.interventions import Clamp, describe, intervene
 from refusal_core.saes import LoadedSae
 from refusal_core.study_interventions import INDUCED_SETS, feature_interventions
 from tests.tiny import random_sae
@@ -61,3 +61,11 @@ def test_a_feature_set_clamp_edits_each_layer_with_its_own_sae(qwen):
     expected = clean_hidden[0] - 2 * latent[..., None] * saes[0].sae.W_dec[fired[0]]
     assert torch.allclose(clamped_hidden[0], expected, atol=1e-4)  # x -1 is a change of -2x
     assert not torch.allclose(clean, clamped, atol=1e-4)
+    # Layer 1 moves by its own latent's decoded change, read on the stream that layer 0's clamp left.
+    only_first = Clamp((clamp.targets[0],), -1.0)
+    with torch.no_grad(), intervene(model, only_first), record_residual(model, [1]) as first:
+        model(**inputs)
+    with torch.no_grad(), intervene(model, clamp), record_residual(model, [1]) as both:
+        model(**inputs)
+    latent = saes[1].sae.encode(first[1])[..., fired[1]]
+    assert torch.allclose(both[1], first[1] - 2 * latent[..., None] * saes[1].sae.W_dec[fired[1]], atol=1e-4)

@@ -201,7 +201,7 @@ def _show(sql: str, out: Path | None) -> int:
 
     with connect(paths.warehouse_root()) as connection:
         for refusal in connection.stale.values():
-            print(f"refusal-sae: left out of every view: {refusal}", file=sys.stderr)
+            print(f"refusal-sae: the study is left out of every view: {refusal}", file=sys.stderr)
         relation = connection.sql(sql)
         if out:
             write_result(relation, out)

@@ -367,8 +367,10 @@ class Table:
         written = int(metadata.get(SCHEMA_VERSION_KEY, "1"))
         if written == self.version:
             return None
+        # lineage is written by every asset, not by one: the whole study is re-run.
+        rerun = f"refusal-sae run --study {study}" + ("" if self.name == "lineage" else f" --from {self.name}")
         return (f"{self.name} of study {study} was written with schema version {written} of table {self.name} "
-                f"(this code reads version {self.version}); re-run `refusal-sae run --study {study} --from {self.name}`.")
+                f"(this code reads version {self.version}); re-run `{rerun}`.")
 
 
 TABLES = {table.name: table for table in [

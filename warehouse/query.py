@@ -23,9 +23,10 @@ _VIEW = re.compile(r"CREATE VIEW (\w+) AS\s+(.*?);", re.S)
 def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
     """A DuckDB connection over the Parquet files under `root` (a folder or an object-store URL), accepting only queries.
 
-    A study's file written with another schema version than its table's catalogue entry is left out of
-    the views rather than read with the wrong columns; `ReadOnlyWarehouse.stale` holds, per study, the
-    sentence naming the run that rewrites it, and `rows` of that study raises it.
+    A study with a file written with another schema version than its table's catalogue entry is left
+    out of every view (all its tables, so no join sees half of it) rather than read with the wrong
+    columns; `ReadOnlyWarehouse.stale` holds, per study, the sentence naming the run that rewrites it,
+    and `rows` of that study raises it.
     """
     check_readable(root)
     connection = duckdb.connect()
@@ -33,16 +34,17 @@ def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
         # DuckDB reads the store through the same fsspec filesystem the pipeline writes with.
         connection.register_filesystem(root.fs)
     stale: dict[str, str] = {}
+    files_of = {name: sorted((root / name).glob("model=*/*.parquet")) for name in TABLES}
+    for name, paths in files_of.items():
+        for path in paths:
+            study = path.parent.name.removeprefix("model=")
+            if refusal := TABLES[name].mismatch(file_metadata(path), study):
+                stale.setdefault(study, refusal)
     try:
         for table in TABLES.values():
-            # One view per table over every study's current files; a table with no such file is empty but has its columns.
-            current = []
-            for path in sorted((root / table.name).glob("model=*/*.parquet")):
-                study = path.parent.name.removeprefix("model=")
-                if refusal := table.mismatch(file_metadata(path), study):
-                    stale.setdefault(study, refusal)
-                else:
-                    current.append(f"'{shown(root)}/{table.name}/{path.parent.name}/{path.name}'")
+            # One view per table over the current studies' files; a table with no such file is empty but has its columns.
+            current = [f"'{shown(root)}/{table.name}/{path.parent.name}/{path.name}'" for path in files_of[table.name]
+                       if path.parent.name.removeprefix("model=") not in stale]
             if current:
                 connection.execute(f"CREATE VIEW {table.name} AS SELECT * FROM read_parquet("
                                    f"[{', '.join(current)}], hive_partitioning = true)")

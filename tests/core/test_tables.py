@@ -17,3 +17,5 @@ def test_a_file_of_another_schema_version_is_refused_in_one_sentence():
     assert refusal == ("saes of study s was written with schema version 1 of table saes (this code reads version 2); "
                        "re-run `refusal-sae run --study s --from saes`.")
     assert saes.mismatch({SCHEMA_VERSION_KEY: "3"}, "s").startswith("saes of study s was written with schema version 3")
+    # lineage is no asset: its refusal re-runs the whole study, a command that exists.
+    assert TABLES["lineage"].mismatch({}, "s").endswith("re-run `refusal-sae run --study s`.")

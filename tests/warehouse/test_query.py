@@ -34,9 +34,14 @@ def test_a_partition_of_an_older_schema_version_is_refused_in_one_sentence(tmp_p
     row = {f.name: "x" if pa.types.is_string(f.type) else 0 for f in current.schema}
     write_parquet(tmp_path / "saes" / "model=t" / "data.parquet", current.schema,
                   pa.Table.from_pylist([row], schema=current.schema).to_batches(), current.file_metadata())
+    prompts = TABLES["prompts"]  # a current table of the stale study: left out too, so no join sees half of it
+    write_parquet(tmp_path / "prompts" / "model=s" / "data.parquet", prompts.schema,
+                  pa.Table.from_pylist([{f.name: "x" for f in prompts.schema}], schema=prompts.schema).to_batches(),
+                  prompts.file_metadata())
     with connect(tmp_path) as warehouse:  # the stale study is left out of every view and refused by name
         assert warehouse.stale == {"s": refusal}
         assert warehouse.sql("SELECT model, count(*) FROM saes GROUP BY model").fetchall() == [("t", 1)]
+        assert warehouse.sql("SELECT count(*) FROM prompts").fetchall() == [(0,)]
         assert len(warehouse.rows("SELECT * FROM saes", "t")) == 1
         with pytest.raises(ValueError) as refused:
             warehouse.rows("SELECT * FROM saes", "s")

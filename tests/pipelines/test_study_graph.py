@@ -310,6 +310,14 @@ def test_schedule_reruns_only_studies_whose_entry_changed(tiny_registry, warehou
         requests = {r.partition_key: r for r in tick(instance)}
         assert requests["tiny-qwen2"].asset_selection is None  # its entry changed: the whole study
         assert {k.to_user_string() for k in requests["tiny-gemma2"].asset_selection} == {"latent_guard", "report"}
+        # A run that re-made latent_guard (new data) and failed before the report: the report is behind its input.
+        schedule = stale_studies_schedule(study_job.name, ASSETS)
+        guard = instance.fetch_materializations(dg.AssetRecordsFilter(
+            asset_key=dg.AssetKey("latent_guard"), asset_partitions=["tiny-gemma2"]), limit=1).records[0]
+        tags = {**guard.asset_materialization.tags, "dagster/data_version": "re-made"}
+        instance.report_runless_asset_event(dg.AssetMaterialization("latent_guard", partition="tiny-gemma2", tags=tags))
+        requests = {r.partition_key: r for r in tick(instance)}
+        assert {k.to_user_string() for k in requests["tiny-gemma2"].asset_selection} == {"report"}
 
 
 def test_layer_out_of_range_fails_the_step_and_writes_nothing(tiny_registry, warehouse):

@@ -62,6 +62,7 @@ def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompt
     for note in chosen.notes:
         context.log.warning(note)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations, saes=saes,
+                                                           refusal_directions=refusal_directions,
                                                            latent_attributions=latent_attributions),
                "settings": to_json({"feature_set_size": settings.feature_set_size, "cosine_top_k": settings.cosine_top_k,
                                     "induce_multiplier": settings.induce_multiplier, "seed": settings.seed})}

@@ -140,7 +140,7 @@ class Clamp:
                            for t in self.targets]}
 
     def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
-        from refusal_core.saes import spliced
+        from refusal_core.saes import spliced  # sae-lens is imported only where an SAE is involved
 
         return [spliced(model, target.sae, target.layer, use_error_term=True, skip_first=self.skip_first,
                         edit=self._editor(target)) for target in self.targets]

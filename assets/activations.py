@@ -3,6 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
+from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -20,5 +21,6 @@ def activations(context: dg.AssetExecutionContext, study: StudyResource, prompts
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts), "prompt_set_sha256": content_sha256(prompts)}
     staged, metadata = capture_table(loaded, selected, study.staging_dir, lineage,
                                      {"labels": settings.activation_labels,
-                                      "max_prompts_per_label": settings.max_prompts_per_label})
+                                      "max_prompts_per_label": settings.max_prompts_per_label},
+                                     checkpoints=checkpoints(context, study, lineage))
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=metadata)

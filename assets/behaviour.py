@@ -3,6 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
+from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -32,11 +33,12 @@ def baseline_generations(context: dg.AssetExecutionContext, study: StudyResource
     """Greedy answers to the test-split HarmBench, harmless and over-refusal prompts, judged by substring and refusal score."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
-    table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label),
-                                 {"baseline": (None, EVAL_SETS)}, study.classifier(loaded.study.key), context.log.info)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts), "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"max_new_tokens": settings.max_new_tokens,
                                     "max_eval_prompts_per_label": settings.max_eval_prompts_per_label})}
+    table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label),
+                                 {"baseline": (None, EVAL_SETS)}, study.classifier(loaded.study.key), context.log.info,
+                                 checkpoints(context, study, lineage))
     staged = spool([table], GENERATIONS, study.staging_dir, lineage)
     rates = {label: round(rate, 3) for label, rate in refusal_rates(table, EVAL_SETS).items()}
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256),

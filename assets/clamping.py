@@ -3,6 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
+from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -22,13 +23,13 @@ def feature_generations(context: dg.AssetExecutionContext, study: StudyResource,
     settings = loaded.study.settings
     applied = feature_interventions(study_saes(loaded, saes), feature_sets, feature_edges, settings.clamp_multiplier,
                                     instruction_offset(loaded.tokenizer, loaded.study.chat_template))
-    table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label), applied,
-                                 study.classifier(loaded.study.key), context.log.info)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, saes=saes, feature_sets=feature_sets,
                                                            feature_edges=feature_edges),
                "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"max_new_tokens": settings.max_new_tokens, "clamp_multiplier": settings.clamp_multiplier,
                                     "induce_multiplier": settings.induce_multiplier, "induced_sets": INDUCED_SETS})}
+    table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label), applied,
+                                 study.classifier(loaded.study.key), context.log.info, checkpoints(context, study, lineage))
     staged = spool([table], GENERATIONS, study.staging_dir, lineage)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_generations": table.num_rows})
 

@@ -3,6 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
+from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -29,18 +30,18 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
     refused = behaving(prompt_behaviour, "harmful", "train", refused=True, limit=settings.attribution_prompts)
     if refused.note:
         context.log.warning(refused.note)
+    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations,
+                                                           refusal_directions=refusal_directions, saes=saes,
+                                                           prompt_behaviour=prompt_behaviour),
+               "prompt_set_sha256": content_sha256(prompts)}
     ranking = rank_latents(loaded.study.key, loaded.model, loaded.tokenizer,
                            {layer: item.sae for layer, item in items.items()}, selected_direction(refusal_directions)[1],
                            latents, [row["label"] for row in rows], chat_texts(loaded, prompts, refused.prompt_ids),
                            refused.prompt_ids, settings.attribution_steps, settings.cosine_top_k, settings.feature_set_size,
-                           skip)
-    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations,
-                                                           refusal_directions=refusal_directions, saes=saes,
-                                                           prompt_behaviour=prompt_behaviour),
-               "prompt_set_sha256": content_sha256(prompts),
-               "settings": to_json({"attribution_prompts": ranking.prompt_ids, "steps": settings.attribution_steps,
-                                    "cosine_top_k": settings.cosine_top_k, "skip_first": skip,
-                                    "metric": "logit(own compliance token) - logit(own refusal token), last position"})}
+                           skip, checkpoints=checkpoints(context, study, lineage))
+    lineage["settings"] = to_json({"attribution_prompts": ranking.prompt_ids, "steps": settings.attribution_steps,
+                                   "cosine_top_k": settings.cosine_top_k, "skip_first": skip,
+                                   "metric": "logit(own compliance token) - logit(own refusal token), last position"})
     staged = spool([ranking.table()], LATENT_ATTRIBUTIONS, study.staging_dir, lineage)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         "n_attribution_prompts": len(ranking.prompt_ids), "metric_clean": round(ranking.clean_metric, 3),

@@ -4,6 +4,7 @@ import dagster as dg
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -21,11 +22,11 @@ def intervention_generations(
     """Greedy answers with the selected refusal direction ablated (every eval set) or added at its layer (harmless), judged."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
-    table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label),
-                                 direction_interventions(refusal_directions), study.classifier(loaded.study.key),
-                                 context.log.info)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, refusal_directions=refusal_directions),
                "prompt_set_sha256": content_sha256(prompts), "settings": to_json({"max_new_tokens": settings.max_new_tokens})}
+    table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label),
+                                 direction_interventions(refusal_directions), study.classifier(loaded.study.key),
+                                 context.log.info, checkpoints(context, study, lineage))
     staged = spool([table], GENERATIONS, study.staging_dir, lineage)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_generations": table.num_rows})
 

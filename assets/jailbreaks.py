@@ -3,6 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
+from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -24,12 +25,12 @@ def jailbreak_generations(context: dg.AssetExecutionContext, study: StudyResourc
     """Greedy answers to DAN, GCG and tense jailbreaks and to the harmful prompts the paired ones wrap, judged."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
-    judged = judge_jailbreaks(loaded.study.key, loaded.model, loaded.tokenizer, prompts, settings.jailbreak_prompts,
-                              loaded.study.chat_template, settings.max_new_tokens, settings.batch_size,
-                              study.classifier(loaded.study.key))
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts), "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"max_new_tokens": settings.max_new_tokens, "jailbreak_prompts": settings.jailbreak_prompts,
                                     "families": FAMILIES})}
+    judged = judge_jailbreaks(loaded.study.key, loaded.model, loaded.tokenizer, prompts, settings.jailbreak_prompts,
+                              loaded.study.chat_template, settings.max_new_tokens, settings.batch_size,
+                              study.classifier(loaded.study.key), checkpoints(context, study, lineage))
     staged = spool([judged.table()], GENERATIONS, study.staging_dir, lineage)
     metadata = {f"answered_rate/{family}": round(rate, 3) for family, rate in judged.answered_rates.items()}
     context.log.info("Share of jailbreaks answered (substring judge): %s", metadata)
@@ -46,7 +47,7 @@ def eval_activations(context: dg.AssetExecutionContext, study: StudyResource, pr
                                                            jailbreak_generations=jailbreak_generations),
                "prompt_set_sha256": content_sha256(prompts)}
     staged, metadata = capture_table(loaded, selected, study.staging_dir, lineage, {"prompts": "judged test prompts"},
-                                     shared_prefix_groups(selected))
+                                     shared_prefix_groups(selected), checkpoints(context, study, lineage))
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=metadata)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.chat import format_prompt, post_instruction_tokens
+from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
 from refusal_core.models import LoadedModel
 from refusal_core.parquet import Spool, spool, to_json
@@ -137,6 +138,16 @@ def last_index(inputs: dict[str, Tensor]) -> Tensor:
     return mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
 
 
+def length_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], batch_size: int) -> list[list[int]]:
+    """Indices of `prompts` in batches of `batch_size`, shortest first (ties by position): how capture and generation batch.
+
+    Sorting by length keeps padding small; the same prompts always form the same batches.
+    """
+    lengths = [len(ids) for ids in tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def capture(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -145,6 +156,7 @@ def capture(
     suffix_ids: Sequence[int],
     batch_size: int = 16,
     progress: bool = True,
+    only: Container[int] | None = None,
 ) -> Iterator[ActivationBatch]:
     """Run the model's backbone on formatted `prompts` and yield the residual stream after each of `layers`.
 
@@ -157,6 +169,7 @@ def capture(
         prompts: chat-formatted prompts, each ending with `suffix_ids`.
         layers: block indices whose output is recorded.
         suffix_ids: token ids of the post-instruction template (see `chat.post_instruction_tokens`).
+        only: the numbers of the batches (of `length_batches`) to run, the others skipped; all when None.
     """
     if not prompts:
         raise ValueError("No prompts to capture activations for; the prompt selection is empty.")
@@ -167,12 +180,13 @@ def capture(
     for index, length in enumerate(lengths):
         if length < n_positions:
             raise ValueError(f"Prompt {index} does not end with the post-instruction template tokens {list(suffix_ids)}.")
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    batches = [(number, indices) for number, indices in enumerate(length_batches(tokenizer, prompts, batch_size))
+               if only is None or number in only]
     backbone = model.get_decoder()
     prefix = prefix_cache(model, tokenizer, prompts, min_rest=n_positions, last_layer=layers[-1])
-    bar = tqdm(total=len(prompts), desc="capture activations", unit="prompt", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        indices = order[start:start + batch_size]
+    bar = tqdm(total=sum(len(indices) for _, indices in batches), desc="capture activations", unit="prompt",
+               disable=not progress)
+    for _, indices in batches:
         inputs = tokenize_batch(tokenizer, [prompts[i] for i in indices], device, prefix)
         kept = last_index(inputs)[:, None] - torch.arange(n_positions - 1, -1, -1, device=device)  # [batch, P]
         tails = inputs["input_ids"].gather(1, kept[:, 1:]).tolist()
@@ -234,11 +248,14 @@ def activation_rows(
 
 
 def capture_table(loaded: LoadedModel, selected: pa.Table, directory: Path, lineage: Mapping[str, str],
-                  settings: Mapping[str, object], groups: list[list[int]] | None = None) -> tuple[Spool, dict]:
+                  settings: Mapping[str, object], groups: list[list[int]] | None = None,
+                  checkpoints: Checkpoints = Checkpoints()) -> tuple[Spool, dict]:
     """Capture the `selected` prompts' residual stream at the study's layers into an ACTIVATIONS table spooled in `directory`.
 
     `groups` (row indices) are captured one after another, each with the prefix its prompts share run once.
     The spool's lineage is `lineage` plus the settings: the caller's, the layers, the batch size and the positions.
+    Each batch is kept in `checkpoints` as it is captured, so a killed capture resumes after its last finished
+    batch, with the same batches; they are deleted once the spool is complete.
     Returns the spool and its metadata (counts, positions, tokens per second, device).
     """
     layers = check_layers(loaded.study.settings.layers if loaded.study.settings.layers is not None
@@ -250,16 +267,32 @@ def capture_table(loaded: LoadedModel, selected: pa.Table, directory: Path, line
     ids = selected["prompt_id"].to_pylist()
     counter = {"tokens": 0}
     batch_size = loaded.study.settings.batch_size
+    groups = groups or [list(range(len(texts)))]
+    # Every batch of every group, in capture order: (group, its number in the group, its rows). A batch's numbers
+    # depend on the whole group (the prefix its prompts share), so the group's texts are part of its identity.
+    units = [(g, number, [group[i] for i in indices]) for g, group in enumerate(groups)
+             for number, indices in enumerate(length_batches(loaded.tokenizer, [texts[i] for i in group], batch_size))]
 
-    def batches():
-        for group in groups or [list(range(len(texts)))]:
-            for batch in capture(loaded.model, loaded.tokenizer, [texts[i] for i in group], layers, suffix, batch_size):
+    def compute(todo: list[int]):
+        for g, group in enumerate(groups):
+            wanted = {units[u][1] for u in todo if units[u][0] == g}
+            if not wanted:
+                continue
+            for batch in capture(loaded.model, loaded.tokenizer, [texts[i] for i in group], layers, suffix, batch_size,
+                                 only=wanted):
                 counter["tokens"] += batch.n_tokens
-                yield activation_rows(batch, loaded.study.key, [ids[i] for i in group], layers, tokens)
+                yield pa.Table.from_batches([activation_rows(batch, loaded.study.key, [ids[i] for i in group], layers,
+                                                             tokens)])
 
     started = time.perf_counter()
     lineage = {**lineage, "settings": to_json({"layers": layers, **settings, "batch_size": batch_size, "positions": tokens})}
-    staged = spool(batches(), activations_schema(loaded.d_model), directory, lineage)
+    group_keys = [digest([texts[i] for i in group]) for group in groups]
+    identities = [{"group": group_keys[g], "prompts": [ids[i] for i in rows], "texts": digest([texts[i] for i in rows])}
+                  for g, _, rows in units]
+    scoped = checkpoints.within(layers=layers, positions=tokens, model_key=loaded.study.key)
+    staged = spool(scoped.resume("capture activations", identities, compute), activations_schema(loaded.d_model),
+                   directory, lineage)
+    checkpoints.clear()
     seconds = time.perf_counter() - started
     return staged, {"n_prompts": len(ids), "n_layers": len(layers), "positions": tokens,
                     "tokens_per_second": round(counter["tokens"] / seconds, 1), "device": str(loaded.device)}

@@ -13,8 +13,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import input_mask, prefix_cache, tokenize_batch
+from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.hooks import record_residual
-from refusal_core.interventions import Ablate, Intervention, intervene
+from refusal_core.interventions import Ablate, Intervention, describe, intervene
 from refusal_core.saes import splice
 from refusal_core.scoring import last_logits
 from refusal_core.tables import LATENT_ATTRIBUTIONS
@@ -54,7 +55,7 @@ def encode_rows(sae: SAE, rows: Tensor, batch_size: int = 1024) -> Tensor:
 
 def attribution_patching(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saes: Mapping[int, SAE],
                          prompts: Sequence[str], patch: Intervention, steps: int = 10, batch_size: int = 8,
-                         skip_first: int = 0, progress: bool = True) -> Attribution:
+                         skip_first: int = 0, progress: bool = True, checkpoints: Checkpoints = Checkpoints()) -> Attribution:
     """Attribute the refusal metric to SAE latents by integrated gradients between clean and patched states.
 
     The metric of a prompt is logit(compliance token) - logit(refusal token) at its last position, where
@@ -64,52 +65,68 @@ def attribution_patching(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     `steps` midpoint steps, with the SAE error of the clean state kept, so the model is unchanged when
     nothing is patched; the gradient averaged over the steps times the latent's change, summed over
     positions from `skip_first` on, is its score (Marks et al., 2024; Yeo et al., 2025).
+    Each finished batch of prompts is kept in `checkpoints`; a run that finds one there reads it back instead.
     """
     if steps < 1:
         raise ValueError(f"steps is {steps}; integrated gradients needs at least 1 step.")
     if not prompts:
         raise ValueError("No prompts to attribute; the prompt selection is empty.")
-    device = next(model.parameters()).device
-    # The shared prefix is run once for the clean model and once with the patch (whose state covers every token).
-    prefix = prefix_cache(model, tokenizer, prompts, skip_first)
-    with intervene(model, patch):
-        patched_prefix = prefix_cache(model, tokenizer, prompts, skip_first)
     layers = sorted(saes)
-    scores: dict[int, list[Tensor]] = {layer: [] for layer in layers}
-    refusal, compliance, clean_metric, patched_metric = [], [], [], []
-    total = (len(prompts) + batch_size - 1) // batch_size * len(layers) * steps
-    with tqdm(total=total, desc="attribution patching", unit="pass", disable=not progress) as bar:
-        for start in range(0, len(prompts), batch_size):
-            inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device, prefix)
-            keep = (inputs["position_ids"] >= skip_first) & input_mask(inputs)  # [batch, seq]
-            with torch.no_grad(), record_residual(model, layers) as clean_hidden:
-                clean_logits = last_logits(model, inputs)  # [batch, vocab]
-            patched_inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device, patched_prefix)
-            with torch.no_grad(), intervene(model, patch), record_residual(model, layers) as patched_hidden:
-                patched_logits = last_logits(model, patched_inputs)
-            r, c = clean_logits.argmax(-1), patched_logits.argmax(-1)  # [batch]
-            refusal += r.tolist()
-            compliance += c.tolist()
-            clean_metric.append(_metric(clean_logits, c, r).cpu())
-            patched_metric.append(_metric(patched_logits, c, r).cpu())
-            for layer in layers:
-                sae = saes[layer]
-                with torch.no_grad():
-                    clean = sae.encode(clean_hidden[layer].to(sae.W_dec))  # [batch, seq, d_sae]
-                    delta = sae.encode(patched_hidden[layer].to(sae.W_dec)) - clean  # [batch, seq, d_sae]
-                gradient = torch.zeros_like(clean)
-                for step in range(steps):
-                    point = (clean + (step + 0.5) / steps * delta).requires_grad_(True)
-                    with torch.enable_grad(), splice(model, sae, layer, use_error_term=True, skip_first=skip_first,
-                                                     edit=lambda latents, point=point: point):
-                        logits = last_logits(model, inputs)
-                        (grad,) = torch.autograd.grad(_metric(logits, c, r).sum(), point)
-                    gradient += grad / steps
-                    bar.update()
-                effect = (gradient * delta * keep.unsqueeze(-1)).sum(1)  # [batch, d_sae]
-                scores[layer].append(effect.detach().float().cpu())
-    return Attribution({layer: torch.cat(parts) for layer, parts in scores.items()}, refusal, compliance,
-                       torch.cat(clean_metric), torch.cat(patched_metric))
+    starts = list(range(0, len(prompts), batch_size))
+
+    def compute(todo: list[int]):
+        # The shared prefix is run once for the clean model and once with the patch (whose state covers every token).
+        prefix = prefix_cache(model, tokenizer, prompts, skip_first)
+        with intervene(model, patch):
+            patched_prefix = prefix_cache(model, tokenizer, prompts, skip_first)
+        with tqdm(total=len(todo) * len(layers) * steps, desc="attribution patching", unit="pass",
+                  disable=not progress) as bar:
+            for b in todo:
+                yield _attribute_batch(model, tokenizer, saes, prompts[starts[b]:starts[b] + batch_size], patch, steps,
+                                       skip_first, prefix, patched_prefix, bar)
+
+    units = [{"prompts": digest(list(prompts[start:start + batch_size])), "patch": describe(patch).id, "steps": steps,
+              "skip_first": skip_first, "layers": layers} for start in starts]
+    parts = list(checkpoints.resume("attribution patching", units, compute))
+    return Attribution({layer: torch.cat([part[f"scores.{layer}"] for part in parts]) for layer in layers},
+                       torch.cat([part["refusal"] for part in parts]).tolist(),
+                       torch.cat([part["compliance"] for part in parts]).tolist(),
+                       torch.cat([part["clean_metric"] for part in parts]), torch.cat([part["patched_metric"] for part in parts]))
+
+
+def _attribute_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saes: Mapping[int, SAE],
+                     prompts: Sequence[str], patch: Intervention, steps: int, skip_first: int, prefix, patched_prefix,
+                     bar: tqdm) -> dict[str, Tensor]:
+    """One batch of `attribution_patching`: its refusal and compliance tokens, clean and patched metrics and scores per layer."""
+    device = next(model.parameters()).device
+    inputs = tokenize_batch(tokenizer, prompts, device, prefix)
+    keep = (inputs["position_ids"] >= skip_first) & input_mask(inputs)  # [batch, seq]
+    layers = sorted(saes)
+    with torch.no_grad(), record_residual(model, layers) as clean_hidden:
+        clean_logits = last_logits(model, inputs)  # [batch, vocab]
+    patched_inputs = tokenize_batch(tokenizer, prompts, device, patched_prefix)
+    with torch.no_grad(), intervene(model, patch), record_residual(model, layers) as patched_hidden:
+        patched_logits = last_logits(model, patched_inputs)
+    r, c = clean_logits.argmax(-1), patched_logits.argmax(-1)  # [batch]
+    result = {"refusal": r.cpu(), "compliance": c.cpu(), "clean_metric": _metric(clean_logits, c, r).cpu(),
+              "patched_metric": _metric(patched_logits, c, r).cpu()}
+    for layer in layers:
+        sae = saes[layer]
+        with torch.no_grad():
+            clean = sae.encode(clean_hidden[layer].to(sae.W_dec))  # [batch, seq, d_sae]
+            delta = sae.encode(patched_hidden[layer].to(sae.W_dec)) - clean  # [batch, seq, d_sae]
+        gradient = torch.zeros_like(clean)
+        for step in range(steps):
+            point = (clean + (step + 0.5) / steps * delta).requires_grad_(True)
+            with torch.enable_grad(), splice(model, sae, layer, use_error_term=True, skip_first=skip_first,
+                                             edit=lambda latents, point=point: point):
+                logits = last_logits(model, inputs)
+                (grad,) = torch.autograd.grad(_metric(logits, c, r).sum(), point)
+            gradient += grad / steps
+            bar.update()
+        effect = (gradient * delta * keep.unsqueeze(-1)).sum(1)  # [batch, d_sae]
+        result[f"scores.{layer}"] = effect.detach().float().cpu()
+    return result
 
 
 def _metric(logits: Tensor, compliance: Tensor, refusal: Tensor) -> Tensor:
@@ -187,7 +204,7 @@ class LatentRanking:
 def rank_latents(model_key: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saes: Mapping[int, SAE],
                  direction: Tensor, latents: Mapping[int, Tensor], labels: Sequence[str], prompts: Sequence[str],
                  prompt_ids: Sequence[str], steps: int, cosine_top_k: int, set_size: int, skip_first: int = 0,
-                 progress: bool = True) -> LatentRanking:
+                 progress: bool = True, checkpoints: Checkpoints = Checkpoints()) -> LatentRanking:
     """Score every latent of the SAEs against the refusal `direction` [d_model] and rank them (CosSim+AP).
 
     Args:
@@ -195,13 +212,15 @@ def rank_latents(model_key: str, model: PreTrainedModel, tokenizer: PreTrainedTo
         prompts, prompt_ids: the chat-formatted prompts attribution patching runs on (the direction ablated)
             and their ids. Prompts whose first answer token the ablation does not change have a metric
             that is zero everywhere and are left out, unless that leaves none.
+        checkpoints: where each finished batch of attribution patching is kept (deleted once all are done).
     """
     harmful, harmless = label_mask(labels, "harmful"), label_mask(labels, "harmless")
     if harmful.sum() == 0 or harmless.sum() == 0:
         raise ValueError("The activations table needs harmful and harmless prompts for the activation difference; "
                          "keep both in settings.activation_labels.")
     result = attribution_patching(model, tokenizer, saes, prompts, Ablate(direction.float()), steps, batch_size=8,
-                                  skip_first=skip_first, progress=progress)
+                                  skip_first=skip_first, progress=progress, checkpoints=checkpoints)
+    checkpoints.clear()
     moved = [j for j, (r, c) in enumerate(zip(result.refusal_tokens, result.compliance_tokens)) if r != c] \
         or list(range(len(prompts)))
     layers = {layer: LayerScores(

@@ -7,13 +7,61 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from refusal_core.activations import length_batches
+from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.generation import generate_scored
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.judges import ClassifierJudge, SubstringJudge
 from refusal_core.scoring import refusal_score
 from refusal_core.tables import GENERATIONS, INTERVENTION_FIELDS
+
+
+def batched_generations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    refusal_ids: Sequence[int] | None = None,
+    checkpoints: Checkpoints = Checkpoints(),
+    what: str = "generate",
+    progress: bool = True,
+) -> tuple[list[str], list[float] | None]:
+    """Greedy completions of chat-formatted `prompts` (in order) and, with `refusal_ids`, their refusal scores.
+
+    The prompts are batched by length (`length_batches`) and each batch is answered on its own by
+    `generate_scored`, under whatever intervention is active, so its answers depend on its own prompts only.
+    Each finished batch is kept in `checkpoints`; a run that finds one there reads it back instead.
+    """
+    if not prompts:
+        raise ValueError("No prompts to generate for; the prompt selection is empty.")
+    batches = length_batches(tokenizer, prompts, batch_size)
+    bar = tqdm(total=len(prompts), desc=what, unit="prompt", disable=not progress)
+
+    def compute(todo: list[int]):
+        for b in todo:
+            completions, first_log_probs = generate_scored(model, tokenizer, [prompts[i] for i in batches[b]],
+                                                           max_new_tokens, batch_size, progress=False)
+            columns = {"completion": pa.array(completions, pa.string())}
+            if refusal_ids is not None:
+                columns["refusal_score"] = pa.array(refusal_score(first_log_probs, refusal_ids).numpy(), pa.float32())
+            bar.update(len(completions))
+            yield pa.table(columns)
+
+    units = [{"prompts": digest([prompts[i] for i in batch]), "max_new_tokens": max_new_tokens,
+              "refusal_ids": None if refusal_ids is None else list(refusal_ids)} for batch in batches]
+    completions: list[str] = [""] * len(prompts)
+    scores: list[float] = [0.0] * len(prompts)
+    for batch, part in zip(batches, checkpoints.resume(what, units, compute)):
+        for k, index in enumerate(batch):
+            completions[index] = part["completion"][k].as_py()
+            if refusal_ids is not None:
+                scores[index] = part["refusal_score"][k].as_py()
+    bar.close()
+    return completions, None if refusal_ids is None else scores
 
 
 def judged_generations(
@@ -29,19 +77,22 @@ def judged_generations(
     batch_size: int = 16,
     classifier: ClassifierJudge | None = None,
     instructions: Sequence[str] | None = None,
+    checkpoints: Checkpoints = Checkpoints(),
 ) -> pa.Table:
     """Generate for chat-formatted `prompts` under `intervention` and judge every answer, in the GENERATIONS schema.
 
     Args:
         classifier: an optional third judge; it sees `instructions` (the user's text) and each answer.
+        checkpoints: where each finished batch (under this intervention) is kept, so a killed run resumes after it.
     """
-    with intervene(model, intervention):
-        completions, first_log_probs = generate_scored(model, tokenizer, prompts, max_new_tokens, batch_size)
-    scores = refusal_score(first_log_probs, refusal_ids)
-    by_substring = SubstringJudge().judge(completions)
-    by_score = [bool(s > 0) for s in scores.tolist()]
-    by_classifier = classifier.judge(list(instructions or prompts), completions) if classifier else [None] * len(prompts)
     description = describe(intervention)
+    with intervene(model, intervention):
+        completions, scores = batched_generations(
+            model, tokenizer, prompts, max_new_tokens, batch_size, refusal_ids,
+            checkpoints.within(intervention=description.id), f"generate ({description.name})")
+    by_substring = SubstringJudge().judge(completions)
+    by_score = [bool(s > 0) for s in scores]
+    by_classifier = classifier.judge(list(instructions or prompts), completions) if classifier else [None] * len(prompts)
     n = len(prompts)
     return pa.Table.from_pydict(
         {
@@ -50,7 +101,7 @@ def judged_generations(
             "intervention_name": [description.name] * n, "intervention_parameters": [description.parameters] * n,
             "feature_set": [description.feature_set] * n, "max_new_tokens": [max_new_tokens] * n,
             "completion": completions, "refused_substring": by_substring,
-            "refusal_score": scores.tolist(), "refused_score": by_score,
+            "refusal_score": scores, "refused_score": by_score,
             "refused_classifier": by_classifier,
             "judges_disagree": [len({a, b, c} - {None}) > 1 for a, b, c in zip(by_substring, by_score, by_classifier)],
         },

@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.chat import format_prompt
+from refusal_core.checkpoints import Checkpoints
 from refusal_core.evaluation import bootstrap_interval, judged_generations
 from refusal_core.judges import ClassifierJudge
 from refusal_core.probes import MIN_PER_CLASS
@@ -86,10 +87,11 @@ class JudgedJailbreaks:
 
 def judge_jailbreaks(model_key: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pa.Table,
                      per_family: int, chat_template: str, max_new_tokens: int, batch_size: int,
-                     classifier: ClassifierJudge | None = None) -> JudgedJailbreaks:
+                     classifier: ClassifierJudge | None = None, checkpoints: Checkpoints = Checkpoints()) -> JudgedJailbreaks:
     """Answer and judge up to `per_family` jailbreaks of each family and the harmful prompts the paired ones wrap.
 
-    The prompts of each DAN template run together, so the template's tokens are computed once.
+    The prompts of each DAN template run together, so the template's tokens are computed once per batch.
+    Each finished batch is kept in `checkpoints` (deleted once all are answered), so a killed run resumes after it.
     """
     chosen = jailbreak_selection(prompts, per_family)
     tables = []
@@ -98,7 +100,9 @@ def judge_jailbreaks(model_key: str, model: PreTrainedModel, tokenizer: PreTrain
         texts = [format_prompt(tokenizer, t, chat_template) for t in subset["text"].to_pylist()]
         tables.append(judged_generations(
             model, tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(), model_key,
-            refusal_token_ids(model, tokenizer), None, max_new_tokens, batch_size, classifier, subset["text"].to_pylist()))
+            refusal_token_ids(model, tokenizer), None, max_new_tokens, batch_size, classifier, subset["text"].to_pylist(),
+            checkpoints))
+    checkpoints.clear()
     return JudgedJailbreaks(chosen, pa.concat_tables(tables))
 
 

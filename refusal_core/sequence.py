@@ -13,7 +13,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import INSTRUCTION_TOKEN, left_padded
 from refusal_core.chat import format_prompt, post_instruction_tokens
-from refusal_core.generation import generate
+from refusal_core.checkpoints import Checkpoints, digest
+from refusal_core.evaluation import batched_generations
 from refusal_core.hooks import StopForward, check_layers, decoder_layers, record_residual
 from refusal_core.prompts import prompts_of
 from refusal_core.tables import SEQUENCE_PROJECTIONS
@@ -98,22 +99,42 @@ class RefusalAlongSequence:
 
 def read_along_sequence(model_key: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pa.Table,
                         chat_template: str, direction: Tensor, per_label: int, new_tokens: int,
-                        batch_size: int = 16) -> RefusalAlongSequence:
-    """Answer `sequence_prompts` greedily (`new_tokens` tokens); project every layer on `direction` along each sequence."""
+                        batch_size: int = 16, checkpoints: Checkpoints = Checkpoints()) -> RefusalAlongSequence:
+    """Answer `sequence_prompts` greedily (`new_tokens` tokens); project every layer on `direction` along each sequence.
+
+    Each finished batch of answers and of projections is kept in `checkpoints` (deleted once all are done),
+    so a killed run resumes after it.
+    """
     chosen = sequence_prompts(prompts, per_label)
     texts = [format_prompt(tokenizer, t, chat_template) for t in chosen["text"].to_pylist()]
-    answers = generate(model, tokenizer, texts, new_tokens, batch_size)
+    answers, _ = batched_generations(model, tokenizer, texts, new_tokens, batch_size, None, checkpoints,
+                                     "generate (sequence)")
     n_template = len(post_instruction_tokens(tokenizer, chat_template))
     layers = list(range(len(decoder_layers(model))))
     ids, labels = chosen["prompt_id"].to_pylist(), chosen["label"].to_pylist()
-    columns = {name: [] for name in SEQUENCE_PROJECTIONS.names}
-    for item in sequence_projections(model, tokenizer, texts, answers, n_template, layers, direction, batch_size):
-        for layer, values in zip(layers, item.projections.tolist()):
-            columns["model_key"] += [model_key] * len(values)
-            columns["prompt_id"] += [ids[item.index]] * len(values)
-            columns["label"] += [labels[item.index]] * len(values)
-            columns["layer_index"] += [layer] * len(values)
-            columns["position"] += item.positions
-            columns["token"] += item.tokens
-            columns["projection"] += values
-    return RefusalAlongSequence(chosen, columns)
+    starts = list(range(0, len(texts), batch_size))
+
+    def compute(todo: list[int]):
+        for b in todo:
+            part = slice(starts[b], starts[b] + batch_size)
+            columns = {name: [] for name in SEQUENCE_PROJECTIONS.names}
+            for item in sequence_projections(model, tokenizer, texts[part], answers[part], n_template, layers, direction,
+                                             batch_size):
+                index = starts[b] + item.index
+                for layer, values in zip(layers, item.projections.tolist()):
+                    columns["model_key"] += [model_key] * len(values)
+                    columns["prompt_id"] += [ids[index]] * len(values)
+                    columns["label"] += [labels[index]] * len(values)
+                    columns["layer_index"] += [layer] * len(values)
+                    columns["position"] += item.positions
+                    columns["token"] += item.tokens
+                    columns["projection"] += values
+            yield pa.Table.from_pydict(columns, schema=SEQUENCE_PROJECTIONS)
+
+    direction_key = digest(direction.double().flatten().tolist())
+    units = [{"prompts": digest(texts[start:start + batch_size]), "answers": digest(answers[start:start + batch_size]),
+              "direction": direction_key, "model_key": model_key} for start in starts]
+    parts = list(checkpoints.resume("refusal along the sequence", units, compute))
+    checkpoints.clear()
+    table = pa.concat_tables(parts)
+    return RefusalAlongSequence(chosen, {name: table[name].to_pylist() for name in SEQUENCE_PROJECTIONS.names})

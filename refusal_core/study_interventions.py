@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from refusal_core.chat import format_prompt
+from refusal_core.checkpoints import Checkpoints
 from refusal_core.directions import selected_direction
 from refusal_core.evaluation import judged_generations
 from refusal_core.interventions import Ablate, Add, Clamp, Intervention, SaeLatents, describe
@@ -64,8 +65,12 @@ def feature_interventions(saes: Mapping[int, LoadedSae], feature_sets: pa.Table,
 
 
 def judged_interventions(loaded: LoadedModel, eval_set: pa.Table, applied: Applied, classifier: ClassifierJudge | None,
-                         log: Callable[[str], None] = print) -> pa.Table:
-    """Judged greedy answers (GENERATIONS rows) of the eval prompts of each intervention's labels, one intervention after another."""
+                         log: Callable[[str], None] = print, checkpoints: Checkpoints = Checkpoints()) -> pa.Table:
+    """Judged greedy answers (GENERATIONS rows) of the eval prompts of each intervention's labels, one intervention after another.
+
+    Each finished batch of each intervention is kept in `checkpoints`, so a killed run resumes after the last
+    one; they are deleted once every intervention is answered.
+    """
     settings, tokenizer = loaded.study.settings, loaded.tokenizer
     tables = []
     for name, (intervention, labels) in applied.items():
@@ -75,10 +80,11 @@ def judged_interventions(loaded: LoadedModel, eval_set: pa.Table, applied: Appli
         table = judged_generations(
             loaded.model, tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(),
             loaded.study.key, refusal_token_ids(loaded.model, tokenizer), intervention, settings.max_new_tokens, settings.batch_size,
-            classifier, instructions)
+            classifier, instructions, checkpoints)
         refused = pc.mean(table["refused_substring"].cast(pa.float64())).as_py()
         log(f"{describe(intervention).name}: {100 * refused:.0f}% of {subset.num_rows} {'/'.join(labels)} prompts refused (substring).")
         tables.append(table)
+    checkpoints.clear()
     return pa.concat_tables(tables)
 
 

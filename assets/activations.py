@@ -5,14 +5,14 @@ import pyarrow as pa
 
 from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.activations import capture_table
 from refusal_core.parquet import Spool
 from refusal_core.prompts import activation_prompts
 
 
-@dg.asset(partitions_def=studies, group_name="activations", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="activations", pool="gpu", kinds={"parquet", "pytorch"})
 def activations(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table) -> dg.Output[Spool]:
     """One row per (prompt, layer, position): the residual stream after each block at the instruction's last token and the post-instruction template tokens, float32."""
     loaded = study.load(context.partition_key)

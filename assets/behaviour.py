@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.behaviour import behaviour_table, refusal_rates
 from refusal_core.parquet import Spool, spool, to_json
@@ -14,7 +14,7 @@ from refusal_core.study_interventions import judged_interventions
 from refusal_core.tables import GENERATIONS, PROMPT_BEHAVIOUR
 
 
-@dg.asset(partitions_def=studies, group_name="behaviour", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="behaviour", pool="gpu", kinds={"parquet", "pytorch"})
 def prompt_behaviour(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table,
                      activations: pa.Table) -> dg.Output[Spool]:
     """Refusal score at the first answer token of every prompt with stored activations: what the directions, attribution and probes filter or label by."""
@@ -28,7 +28,7 @@ def prompt_behaviour(context: dg.AssetExecutionContext, study: StudyResource, pr
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=rates)
 
 
-@dg.asset(partitions_def=studies, group_name="behaviour", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="behaviour", pool="gpu", kinds={"parquet", "pytorch"})
 def baseline_generations(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table) -> dg.Output[Spool]:
     """Greedy answers to the test-split HarmBench, harmless and over-refusal prompts, judged by substring and refusal score."""
     loaded = study.load(context.partition_key)

@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.chat import instruction_offset
 from refusal_core.evaluation import effect_rows
@@ -15,7 +15,7 @@ from refusal_core.study_interventions import INDUCED_SETS, feature_interventions
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.tables import EFFECTS, GENERATIONS
 
-@dg.asset(partitions_def=studies, group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
 def feature_generations(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, saes: pa.Table,
                         feature_sets: pa.Table, feature_edges: pa.Table) -> dg.Output[Spool]:
     """Greedy answers with each feature set's latents (and the upstream set's) multiplied by -m on harmful test prompts, and the CosSim+AP and random sets set to a constant on harmless ones, judged."""
@@ -34,7 +34,7 @@ def feature_generations(context: dg.AssetExecutionContext, study: StudyResource,
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_generations": table.num_rows})
 
 
-@dg.asset(partitions_def=studies, group_name="features", kinds={"parquet"})
+@study_asset(group_name="features", kinds={"parquet"})
 def feature_effects(context: dg.AssetExecutionContext, study: StudyResource, feature_generations: pa.Table) -> dg.Output[Spool]:
     """Refusal rate by each judge with bootstrap 95% intervals, per eval set x feature-set intervention (query feature_table sets them beside direction ablation)."""
     key = context.partition_key

@@ -4,7 +4,7 @@ import dagster as dg
 import pyarrow as pa
 
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.directions import MIN_CATEGORY_PROMPTS, directions_by_category
 from refusal_core.parquet import Spool, spool, to_json
@@ -12,7 +12,7 @@ from refusal_core.selection import select_refusal_direction
 from refusal_core.tables import DIRECTION_CANDIDATES, DIRECTIONS
 
 
-@dg.asset(partitions_def=studies, group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
 def refusal_directions(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                        prompt_behaviour: pa.Table) -> dg.Output[Spool]:
     """Every candidate refusal direction (layer x post-instruction position) with its selection metrics; one row is selected."""
@@ -30,7 +30,7 @@ def refusal_directions(context: dg.AssetExecutionContext, study: StudyResource, 
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=selection.metadata())
 
 
-@dg.asset(partitions_def=studies, group_name="directions", kinds={"parquet"})
+@study_asset(group_name="directions", kinds={"parquet"})
 def category_directions(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                         refusal_directions: pa.Table) -> dg.Output[Spool]:
     """A direction per harm category and for over-refusal at the refusal direction's place, and a harmfulness direction at the instruction's last token, each with its cosine to the refusal direction."""

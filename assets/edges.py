@@ -4,7 +4,7 @@ import dagster as dg
 import pyarrow as pa
 
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.chat import format_prompt, instruction_offset, post_instruction_tokens
 from refusal_core.edges import upstream_edges
@@ -16,7 +16,7 @@ from refusal_core.saes import study_saes
 from refusal_core.tables import FEATURE_EDGES
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
 def feature_edges(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                   saes: pa.Table, feature_sets: pa.Table) -> dg.Output[Spool]:
     """Edges from earlier-layer latents to the refusal features of the last SAE layer: the relative change of each refusal feature (and of their sum) when one upstream latent is clamped, on harmful prompts."""

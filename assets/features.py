@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.attribution import rank_latents
 from refusal_core.behaviour import behaving, chat_texts
@@ -18,7 +18,7 @@ from refusal_core.saes import study_saes
 from refusal_core.tables import FEATURE_CARDS, FEATURE_SETS, LATENT_ATTRIBUTIONS
 
 
-@dg.asset(partitions_def=studies, group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
 def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                         refusal_directions: pa.Table, saes: pa.Table, prompt_behaviour: pa.Table) -> dg.Output[Spool]:
     """Candidate SAE latents per layer with their decoder cosine to the refusal direction, harmful-minus-harmless activation difference and attribution-patching score, globally and per prompt."""
@@ -49,7 +49,7 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
         "candidates_per_layer": {str(layer): len(ranking.candidates(layer)) for layer in ranking.layers}})
 
 
-@dg.asset(partitions_def=studies, group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
 def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                  refusal_directions: pa.Table, saes: pa.Table, latent_attributions: pa.Table) -> dg.Output[Spool]:
     """Feature sets of equal size: CosSim+AP (the paper's), cosine only, activation difference, attribution only, and random latents from the same layers."""
@@ -74,7 +74,7 @@ def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompt
         "overlap_with_cosine": len(set(cossim_ap) & set(chosen.members["cosine"]))})
 
 
-@dg.asset(partitions_def=studies, group_name="features", pool="gpu", kinds={"parquet"})
+@study_asset(group_name="features", pool="gpu", kinds={"parquet"})
 def feature_cards(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                   saes: pa.Table, feature_sets: pa.Table) -> dg.Output[Spool]:
     """One card per selected latent: its scores, the stored prompts that activate it most, and its Neuronpedia page when there is one."""

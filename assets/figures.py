@@ -3,13 +3,13 @@
 import dagster as dg
 
 from pipelines.metadata import png_metadata
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from warehouse.figures import FIGURES, save
 from warehouse.query import connect, named_query
 
 
-@dg.asset(partitions_def=studies, group_name="report", kinds={"png"},
+@study_asset(group_name="report", kinds={"png"},
           deps=["intervention_effects", "refusal_directions", "category_directions", "latent_attributions", "feature_sets",
                 "feature_effects", "refusal_along_sequence", "feature_edges", "refusal_probes", "jailbreak_summary"])
 def figures(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:

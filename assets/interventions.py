@@ -6,7 +6,7 @@ import pyarrow.compute as pc
 
 from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.evaluation import effect_rows
 from refusal_core.prompts import eval_prompts
@@ -15,7 +15,7 @@ from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.tables import EFFECTS, GENERATIONS
 
 
-@dg.asset(partitions_def=studies, group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
 def intervention_generations(
     context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, refusal_directions: pa.Table
 ) -> dg.Output[Spool]:
@@ -31,7 +31,7 @@ def intervention_generations(
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_generations": table.num_rows})
 
 
-@dg.asset(partitions_def=studies, group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="directions", pool="gpu", kinds={"parquet", "pytorch"})
 def intervention_effects(
     context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, refusal_directions: pa.Table,
     baseline_generations: pa.Table, intervention_generations: pa.Table,

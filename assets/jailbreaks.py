@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.activations import capture_table
 from refusal_core.directions import direction_row
@@ -20,7 +20,7 @@ from refusal_core.saes import study_saes
 from refusal_core.tables import GENERATIONS, JAILBREAK_PAIRS, JAILBREAK_SUMMARY
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
 def jailbreak_generations(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table) -> dg.Output[Spool]:
     """Greedy answers to DAN, GCG and tense jailbreaks and to the harmful prompts the paired ones wrap, judged."""
     loaded = study.load(context.partition_key)
@@ -37,7 +37,7 @@ def jailbreak_generations(context: dg.AssetExecutionContext, study: StudyResourc
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=metadata)
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
 def eval_activations(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table,
                      baseline_generations: pa.Table, jailbreak_generations: pa.Table) -> dg.Output[Spool]:
     """Residual stream of every judged test prompt (baseline eval sets, jailbreaks and their base prompts), as in activations."""
@@ -51,7 +51,7 @@ def eval_activations(context: dg.AssetExecutionContext, study: StudyResource, pr
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=metadata)
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
 def jailbreak_analysis(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                        eval_activations: pa.Table, jailbreak_generations: pa.Table, saes: pa.Table,
                        feature_sets: pa.Table, category_directions: pa.Table) -> dg.Output[Spool]:
@@ -75,7 +75,7 @@ def jailbreak_analysis(context: dg.AssetExecutionContext, study: StudyResource, 
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=pairs.counts)
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", kinds={"parquet"})
+@study_asset(group_name="analyses", kinds={"parquet"})
 def jailbreak_summary(context: dg.AssetExecutionContext, study: StudyResource, jailbreak_analysis: pa.Table) -> dg.Output[Spool]:
     """Mean relative drop of the refusal features by jailbreak family and outcome (refused base prompts only), with bootstrap intervals, and what the harmfulness direction still sees."""
     key = context.partition_key

@@ -4,7 +4,7 @@ import dagster as dg
 import pyarrow as pa
 
 from pipelines.metadata import model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.probes import guard_table, judged_refusals, probe_inputs, probe_table, probe_training_set
@@ -13,7 +13,7 @@ from refusal_core.saes import study_saes
 from refusal_core.tables import LATENT_GUARD, PROBE_RESULTS
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
 def refusal_probes(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                    eval_activations: pa.Table, baseline_generations: pa.Table, jailbreak_generations: pa.Table,
                    saes: pa.Table, feature_sets: pa.Table, category_directions: pa.Table,
@@ -43,7 +43,7 @@ def refusal_probes(context: dg.AssetExecutionContext, study: StudyResource, prom
         f"accuracy/{r['probe']}/{r['test_set']}": round(r["accuracy"], 3) for r in result.rows if r.get("accuracy") is not None})
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", kinds={"parquet"})
+@study_asset(group_name="analyses", kinds={"parquet"})
 def latent_guard(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                  eval_activations: pa.Table, baseline_generations: pa.Table, jailbreak_generations: pa.Table,
                  category_directions: pa.Table) -> dg.Output[Spool]:

@@ -5,14 +5,14 @@ from collections import Counter
 
 import dagster as dg
 
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.prompts import HUB_SOURCES, build_prompts, prompts_table
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.tables import PROMPTS
 
 
-@dg.asset(partitions_def=studies, group_name="data", kinds={"parquet"})
+@study_asset(group_name="data", kinds={"parquet"})
 def prompts(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Output[Spool]:
     """Harmful (HarmBench, Do-Not-Answer), harmless, over-refusal and jailbreak prompts, one row each, with hash splits."""
     entry = study.study(context.partition_key)

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from pipelines.metadata import png_metadata
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.storage import Location, uri, write_atomically
 from warehouse.lineage import lineage_tree
@@ -16,7 +16,7 @@ LINEAGE_SHOWN = ("intervention_effects", "feature_effects", "jailbreak_summary",
 """Result tables whose lineage the report prints, each back to the weights."""
 
 
-@dg.asset(partitions_def=studies, group_name="report", kinds={"html"}, deps=["figures", "latent_guard"])
+@study_asset(group_name="report", kinds={"html"}, deps=["figures", "latent_guard"])
 def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
     """A static HTML page with the study's figures, main tables and the lineage of its results, and the overview page of every study."""
     key = context.partition_key
@@ -35,8 +35,6 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     return dg.MaterializeResult(metadata={
         "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(uri(path)),
         "overview": dg.MetadataValue.url(uri(overview)), "n_studies": len(every),
-        # What the schedule compares to decide whether the study's entry changed.
-        "study_sha256": study.study(key).fingerprint(),
         **(png_metadata("cross_study", figure) if figure else {})})
 
 

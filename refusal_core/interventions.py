@@ -47,8 +47,8 @@ class Ablate:
         return {"direction_sha256": _tensor_sha(self.direction)}
 
     def hooks(self, model: nn.Module) -> list[tuple[str, HookFn]]:
-        direction = _residual_vector(model, self.direction, self.kind)
-        unit = direction / direction.norm()
+        direction = _residual_vector(model, self.direction, self.kind).float()
+        unit = direction / direction.norm()  # float32 even for a bf16 model, so the projection is not rounded twice
 
         def ablate(hidden: Tensor, positions: Tensor | None) -> Tensor:
             return project_out(hidden, unit)
@@ -307,8 +307,11 @@ def intervene(model: nn.Module, intervention: Intervention | None) -> Iterator[N
 
 
 def project_out(hidden: Tensor, unit: Tensor) -> Tensor:
-    """hidden minus its component along the unit vector `unit`; hidden is [..., d_model]."""
-    return hidden - (hidden @ unit).unsqueeze(-1) * unit
+    """hidden minus its component along the unit vector `unit`; hidden is [..., d_model].
+
+    The component is computed in `unit`'s dtype (float32 for a bf16 model) and subtracted in hidden's.
+    """
+    return hidden - ((hidden.to(unit.dtype) @ unit).unsqueeze(-1) * unit).to(hidden.dtype)
 
 
 def _residual_vector(model: nn.Module, direction: Tensor, kind: str) -> Tensor:
@@ -317,7 +320,7 @@ def _residual_vector(model: nn.Module, direction: Tensor, kind: str) -> Tensor:
         raise ValueError(f"The {kind} direction has shape {tuple(direction.shape)} but this model's residual stream "
                          f"has width {d_model}; use a direction computed on this model.")
     parameter = next(model.parameters())
-    return direction.to(device=parameter.device, dtype=parameter.dtype)
+    return direction.detach().to(device=parameter.device, dtype=parameter.dtype)
 
 
 def _by_layer(heads: Sequence[tuple[int, int]]) -> list[tuple[int, list[int]]]:

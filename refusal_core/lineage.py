@@ -61,6 +61,48 @@ def code_files(module: str, root: Path = PROJECT_ROOT) -> set[Path]:
     return found
 
 
+NOT_READ = ("key", "description", "network", "settings")
+"""Study fields no table depends on (the key is the partition; settings is read field by field)."""
+
+
+def settings_read(module: str, root: Path = PROJECT_ROOT) -> tuple[str, ...]:
+    """The registry fields the code `module` runs can read: those it names as attributes anywhere.
+
+    `study.saes` names a whole section, `settings.max_new_tokens` one setting (listed as
+    `settings.max_new_tokens`). Matching attribute names over the same files as `code_version`
+    errs on the side of too many (any `.layers` counts), never too few, so a change to a field an
+    asset reads always re-runs it.
+    """
+    from refusal_core.registry import Settings, Study
+
+    named = set().union(*(_attributes(str(path), path.read_text(encoding="utf-8"))
+                          for path in code_files(module, root) if path.suffix == ".py"))
+    study = sorted(name for name in Study.model_fields if name in named and name not in NOT_READ)
+    return (*study, *sorted(f"settings.{name}" for name in Settings.model_fields if name in named))
+
+
+def settings_values(study, fields: tuple[str, ...], dtype: str) -> dict[str, object]:
+    """The values of `fields` (from `settings_read`) in a registry entry, as JSON; `dtype` as resolved (auto is not a dtype)."""
+    def value(field: str) -> object:
+        if field == "dtype":
+            return dtype
+        owner, _, name = field.rpartition(".")
+        found = getattr(study.settings if owner else study, name)
+        return found.model_dump(mode="json") if hasattr(found, "model_dump") else found
+
+    return {field: value(field) for field in fields}
+
+
+def settings_version(values: dict[str, object]) -> str:
+    """First 16 hex digits of the hash of `settings_values`: the data version of an asset's settings."""
+    return hashlib.sha256(to_json(values).encode()).hexdigest()[:16]
+
+
+@cache
+def _attributes(path: str, text: str) -> frozenset[str]:
+    return frozenset(node.attr for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Attribute))
+
+
 @cache
 def _imports(path: str, text: str) -> tuple[str, ...]:
     # Every module a source imports, anywhere in it; for `from a import b`, both a and a.b (b may be a module).

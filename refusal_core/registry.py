@@ -9,6 +9,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""What a study's `dtype` and every command's `--dtype` accept."""
+
 
 class _Strict(BaseModel):
     # Unknown keys are errors, so a typo in the registry never silently falls back to a default.
@@ -167,7 +170,9 @@ class Study(_Strict):
         description="tokenizer: the model's own chat template; plain: a base model with none, prompted "
         "as 'Question: ...\\nAnswer:'.",
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(default="auto", description="Weights dtype.")
+    dtype: Literal[DTYPES] = Field(
+        default="auto", description="The model's dtype; auto is bfloat16 on CUDA and on CPUs with native bf16 matrix "
+        "units (amx_bf16, avx512_bf16), float32 elsewhere.")
     trust_remote_code: bool = Field(default=False, description="Run model code from the hub; off unless needed.")
     network: bool = Field(default=False, description="Needs the Hugging Face hub (and usually a GPU).")
     saes: SaeSpec = Field(default_factory=SaeSpec)
@@ -194,6 +199,15 @@ class Registry(_Strict):
         if key not in self.studies:
             raise ValueError(f"Unknown study {key!r}; known studies: {', '.join(sorted(self.studies))}.")
         return self.studies[key]
+
+
+def with_dtype(study: Study, dtype: str | None) -> Study:
+    """`study` with its `dtype` replaced by `dtype` (a command's --dtype), or unchanged when `dtype` is empty."""
+    if not dtype:
+        return study
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    return study.model_copy(update={"dtype": dtype})
 
 
 def load_registry(path: Path) -> Registry:

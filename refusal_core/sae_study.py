@@ -60,7 +60,7 @@ def prepare_saes(loaded: LoadedModel, prompts: pa.Table, prompts_sha256: str, ca
     skip = instruction_offset(loaded.tokenizer, template)
     if spec.kind == "train":
         fingerprint = hashlib.sha256(to_json({"model": loaded.weights_sha256, "spec": spec.model_dump(mode="json"),
-                                              "prompts": prompts_sha256, "seed": settings.seed,
+                                              "prompts": prompts_sha256, "seed": settings.seed, "dtype": str(loaded.model.dtype),
                                               "skip_first": skip}).encode()).hexdigest()[:16]
         folder = Path(cache_dir) / "saes" / loaded.study.key / fingerprint
         trained = train_saes(loaded.model, loaded.tokenizer, texts, spec.layers, spec.width, spec.architecture, spec.k,

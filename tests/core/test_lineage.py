@@ -2,7 +2,9 @@ import json
 import shutil
 from dataclasses import replace
 
-from refusal_core.lineage import PROJECT_PACKAGES, PROJECT_ROOT, LineageRecord, code_files, code_version
+from refusal_core.lineage import (PROJECT_PACKAGES, PROJECT_ROOT, LineageRecord, code_files, code_version, settings_read,
+                                  settings_values, settings_version)
+from refusal_core.registry import Study
 from refusal_core.tables import TABLES
 
 
@@ -57,3 +59,19 @@ def test_the_record_carries_package_versions():
 
 def _imported(root, module):
     return {p.relative_to(root).with_suffix("").as_posix().replace("/", ".") for p in code_files(module, root)}
+
+
+def test_settings_read_are_the_registry_fields_an_assets_code_names():
+    sequence, clamping = settings_read("assets.sequence"), settings_read("assets.clamping")
+    assert "settings.sequence_new_tokens" in sequence and "settings.clamp_multiplier" not in sequence
+    assert {"settings.clamp_multiplier", "settings.induce_multiplier", "saes", "weights", "dtype"} <= set(clamping)
+    assert "settings.sequence_new_tokens" not in clamping
+    assert not {"key", "description", "network", "settings"} & set(sequence)  # no table depends on these
+
+
+def test_settings_values_resolve_the_dtype_and_hash_stably():
+    study = Study.model_validate({"key": "s", "weights": {"kind": "local", "path": "/m"}, "settings": {"seed": 3}})
+    values = settings_values(study, ("dtype", "saes", "settings.seed"), "torch.bfloat16")
+    assert values == {"dtype": "torch.bfloat16", "saes": study.saes.model_dump(mode="json"), "settings.seed": 3}
+    assert settings_version(values) == settings_version(dict(reversed(values.items())))
+    assert settings_version(values) != settings_version({**values, "settings.seed": 4})

@@ -6,8 +6,9 @@ import pytest
 
 from pipelines.cli import failure_message
 from pipelines.definitions import ASSETS, build_definitions, study_job
-from pipelines.partitions import studies
+from pipelines.partitions import settings_key, studies
 from pipelines.schedules import stale_studies_schedule
+from refusal_core.models import native_cpu_bf16
 from refusal_core.parquet import file_metadata
 from refusal_core.tables import TABLES
 
@@ -26,8 +27,10 @@ def _materialize(registry, warehouse, key, instance):
 
 def test_definitions_load():
     defs = build_definitions()
+    # Every asset, and for each the external asset that records the registry fields it reads.
     assert {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()} == {
-        a.key.to_user_string() for a in ASSETS}
+        name for a in ASSETS for name in (a.key.to_user_string(), f"settings/{a.key.to_user_string()}")}
+    assert all(settings_key(a.key) in {dep.asset_key for dep in a.specs_by_key[a.key].deps} for a in ASSETS)
     assert defs.resolve_job_def("study") is not None
     # The catalogue names every table an asset writes, and the assets that load the model run in the gpu pool.
     assert {a.key.path[-1] for a in ASSETS} ^ set(TABLES) == {"figures", "report", "lineage"}
@@ -58,7 +61,9 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         event = instance.get_latest_materialization_event(dg.AssetKey("activations"))
         assert event.asset_materialization.tags["dagster/data_version"] == lineage["content_sha256"]
         assert event.asset_materialization.tags["dagster/code_version"] == lineage["code_version"]
-        assert (lineage["device"], lineage["dtype"]) == ("cpu", "torch.float32") and "torch" in json.loads(lineage["package_versions"])
+        # dtype auto: bf16 on a CPU with native bf16 matrix units (this machine's kind), else float32.
+        expected = "torch.bfloat16" if native_cpu_bf16() else "torch.float32"
+        assert (lineage["device"], lineage["dtype"]) == ("cpu", expected) and "torch" in json.loads(lineage["package_versions"])
         for name, table in TABLES.items():
             paths = list((warehouse / name / f"model={key}").glob("*.parquet"))
             assert paths and all(table.mismatch(file_metadata(path), key) is None for path in paths), name
@@ -287,13 +292,16 @@ def test_rematerializing_unchanged_inputs_gives_the_same_data_version_and_bytes(
         assert path.read_bytes() == first_bytes
 
 
-def test_schedule_reruns_only_studies_whose_entry_changed(tiny_registry, warehouse):
+def test_schedule_reruns_per_study_only_what_its_entry_or_the_code_changed(tiny_registry, warehouse):
     defs = build_definitions(str(tiny_registry), str(warehouse), str(warehouse.parent / "cache"), "cpu")
     schedule = defs.resolve_schedule_def("stale_studies")
 
-    def tick(instance):
+    def tick(instance, schedule=schedule):
         with dg.build_schedule_context(instance=instance, resources=defs.resources) as context:
             return schedule(context)
+
+    def selected(request):
+        return {k.to_user_string() for k in request.asset_selection}
 
     with dg.instance_for_test() as instance:
         assert _materialize(tiny_registry, warehouse, "tiny-qwen2", instance).success
@@ -301,23 +309,20 @@ def test_schedule_reruns_only_studies_whose_entry_changed(tiny_registry, warehou
         instance.add_dynamic_partitions(studies.name, ["tiny-gemma2"])
         assert _materialize(tiny_registry, warehouse, "tiny-gemma2", instance).success
         assert isinstance(tick(instance), dg.SkipReason)
+        # A setting of one study re-runs, in that study only, the assets that read it and what is downstream.
         tiny_registry.write_text(tiny_registry.read_text().replace("max_new_tokens = 6", "max_new_tokens = 5", 1))
-        assert [r.partition_key for r in tick(instance)] == ["tiny-qwen2"]
-        # An edit to the code of one asset re-runs it and what is downstream of it, not the whole study.
+        (request,) = tick(instance)
+        assert request.partition_key == "tiny-qwen2"
+        assert {"baseline_generations", "intervention_generations", "feature_generations", "report"} <= selected(request)
+        assert not {"prompts", "activations", "saes"} & selected(request)
+        tiny_registry.write_text(tiny_registry.read_text().replace("max_new_tokens = 5", "max_new_tokens = 6", 1))
+        assert isinstance(tick(instance), dg.SkipReason)  # back to the values its tables were made from
+        # An edit to the code of one asset re-runs it and what is downstream of it, in every study.
         edited = [a.map_asset_specs(lambda spec: spec.replace_attributes(code_version="edited"))
                   if a.key == dg.AssetKey("latent_guard") else a for a in ASSETS]
-        schedule = stale_studies_schedule(study_job.name, edited)
-        requests = {r.partition_key: r for r in tick(instance)}
-        assert requests["tiny-qwen2"].asset_selection is None  # its entry changed: the whole study
-        assert {k.to_user_string() for k in requests["tiny-gemma2"].asset_selection} == {"latent_guard", "report"}
-        # A run that re-made latent_guard (new data) and failed before the report: the report is behind its input.
-        schedule = stale_studies_schedule(study_job.name, ASSETS)
-        guard = instance.fetch_materializations(dg.AssetRecordsFilter(
-            asset_key=dg.AssetKey("latent_guard"), asset_partitions=["tiny-gemma2"]), limit=1).records[0]
-        tags = {**guard.asset_materialization.tags, "dagster/data_version": "re-made"}
-        instance.report_runless_asset_event(dg.AssetMaterialization("latent_guard", partition="tiny-gemma2", tags=tags))
-        requests = {r.partition_key: r for r in tick(instance)}
-        assert {k.to_user_string() for k in requests["tiny-gemma2"].asset_selection} == {"report"}
+        requests = tick(instance, stale_studies_schedule(study_job.name, edited))
+        assert {r.partition_key: selected(r) for r in requests} == {
+            "tiny-qwen2": {"latent_guard", "report"}, "tiny-gemma2": {"latent_guard", "report"}}
 
 
 def test_layer_out_of_range_fails_the_step_and_writes_nothing(tiny_registry, warehouse):

@@ -1,3 +1,4 @@
+import pytest
 import os
 import dagster as dg
 import pyarrow.parquet as pq
@@ -97,3 +98,11 @@ def test_a_killed_run_is_released_so_the_next_one_does_not_wait_for_its_pool_slo
         assert instance.get_run_by_id(runs[gone.pid].run_id).status == dg.DagsterRunStatus.FAILURE
         assert instance.get_run_by_id(runs[os.getpid()].run_id).status == dg.DagsterRunStatus.STARTED  # still running
         assert instance.event_log_storage.get_concurrency_info("gpu").claimed_slots == []
+
+
+@pytest.mark.parametrize("command", [["run"], ["generate", "--prompts", "p.txt", "--out", "x.parquet"]])
+def test_an_unknown_dtype_is_one_sentence_listing_the_choices(command, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([*command, "--dtype", "fp8"])
+    assert exit.value.code == 2
+    assert "unknown dtype 'fp8'; choose one of auto, float32, bfloat16, float16" in capsys.readouterr().err

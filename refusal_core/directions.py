@@ -50,7 +50,8 @@ def mean_activations(batches: Iterable[pa.RecordBatch], groups: dict[str, set[st
         layers = batch.column("layer_index").to_numpy()
         positions = batch.column("position").to_numpy()
         width = batch.schema.field("activation").type.list_size
-        vectors = batch.column("activation").values.to_numpy().reshape(-1, width).astype(np.float64)
+        # flatten() honours a sliced batch's offset (to_batches(max_chunksize) slices); .values would not.
+        vectors = batch.column("activation").flatten().to_numpy().reshape(-1, width).astype(np.float64)
         for name, members in groups.items():
             mask = np.fromiter((i in members for i in ids), bool, len(ids))
             if not mask.any():

@@ -40,6 +40,11 @@ def test_planted_direction_is_recovered_from_streamed_activations():
     assert (cosine > 0.99).all()
     scores = cosine_scores(direction, means.of("harmful"), means.of("harmless"))
     assert scores.shape == (2, 2) and (scores > 0).all()
+    # One table cut into batches at offsets (as to_batches(max_chunksize) cuts a table read from Parquet)
+    # averages to the same means.
+    sliced = pa.Table.from_batches(batches).combine_chunks().to_batches(max_chunksize=7)
+    assert sliced[1].column("activation").offset == 7
+    assert torch.equal(mean_activations(sliced, groups).means, means.means)
 
 
 def test_pairwise_cosines_eligible_layers_and_top_candidates():

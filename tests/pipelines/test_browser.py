@@ -12,7 +12,7 @@ import dagster as dg
 import pytest
 
 from pipelines.definitions import build_definitions, study_job
-from pipelines.partitions import studies
+from pipelines.partitions import SETTINGS, studies
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on PATH; install it (Debian: apt-get install chromium)")
@@ -105,7 +105,9 @@ def test_dagster_ui_on_localhost_shows_the_study_assets_in_the_asset_graph(study
         groups: dict[str, set[str]] = {}
         for key in graph.get_all_asset_keys():
             groups.setdefault(graph.get(key).group_name, set()).add(key.to_user_string())
-        page = browser.new_page(viewport={"width": 2400, "height": 2400})  # the graph draws only what is in view
+        # The graph draws only what is in view, and each asset brings its settings/<asset> node into its group's view.
+        page = browser.new_page(viewport={"width": 4000, "height": 4000})
+        settings = groups.pop(SETTINGS)
         for group, names in sorted(groups.items()):
             page.goto(f"{url}/locations/pipelines.definitions/asset-groups/{group}/lineage")
             nodes = page.locator("[class*='AssetNode_assetName']")
@@ -118,6 +120,11 @@ def test_dagster_ui_on_localhost_shows_the_study_assets_in_the_asset_graph(study
                     break
                 page.wait_for_timeout(500)
             assert not missing, f"group {group}: {missing} not in the graph ({labels})"
+        # The settings group lays its unconnected nodes out wider than any view: each has its own page instead.
+        assert settings == {f"{SETTINGS}/{name}" for names in groups.values() for name in names}
+        for name in sorted(settings):
+            page.goto(f"{url}/assets/{name}")
+            page.get_by_text(f"The registry fields {name.split('/', 1)[1]} reads").first.wait_for(timeout=60_000)
         # The study's partition and its materialization are on the asset's page.
         page.goto(f"{url}/assets/jailbreak_summary?view=partitions")
         page.get_by_text(KEY).first.wait_for(timeout=60_000)

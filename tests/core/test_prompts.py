@@ -1,5 +1,7 @@
 import json
+import re
 from collections import Counter
+from importlib.resources import files
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,11 +25,20 @@ def test_prompt_set_has_every_label_in_the_promised_amounts(prompts):
     counts = Counter(p.label for p in prompts)
     sources = Counter(p.source for p in prompts if p.label == "harmful")
     assert sources["harmbench"] == 200 and sources["donotanswer"] > 900
-    assert counts["harmless"] >= 300 and counts["over_refusal"] >= 100
+    assert counts["harmless"] >= 300 and counts["over_refusal"] >= 520
     methods = Counter(p.jailbreak_method for p in prompts if p.label == "jailbreak")
     assert methods["past_tense"] > 700 and methods["future_tense"] > 600 and methods["tap"] >= 1
     assert methods["gcg"] == 3 * 13 and methods["dan:Dan_11_0"] == 3
     assert len({p.prompt_id for p in prompts}) == len(prompts)
+
+
+def test_own_over_refusal_set_has_100_test_prompts_no_duplicates_and_every_category_filled():
+    rows = read_prompt_file(Path(str(files("refusal_core") / "data" / "over_refusal.jsonl")))
+    normalised = {" ".join(re.sub(r"[^\w ]", "", row["text"].lower()).split()) for row in rows}
+    assert len(rows) >= 520 and len(normalised) == len(rows)
+    assert sum(split_of(row["text"]) == "test" for row in rows) >= 100
+    categories = Counter(row["category"] for row in rows)
+    assert len(categories) >= 16 and min(categories.values()) >= 20
 
 
 def test_wrapped_jailbreaks_point_to_a_harmful_prompt_in_the_same_split(prompts):

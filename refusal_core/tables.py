@@ -268,8 +268,8 @@ LATENT_GUARD = pa.schema(
         _field("threshold", pa.float64(), "Projection threshold fitted on the stored (train and val) harmful vs harmless prompts; null for the judge.", True),
         _field("n_prompts", pa.int32(), "Prompts classified."),
         _field("flagged_rate", pa.float64(), "Share flagged as harmful: detection on harmful and jailbreak sets, false alarms on harmless."),
-        _field("ci_low", pa.float64(), "Bootstrap 95% interval, lower end."),
-        _field("ci_high", pa.float64(), "Bootstrap 95% interval, upper end."),
+        _field("ci_low", pa.float64(), "Wilson score 95% interval of the flagged rate, lower end."),
+        _field("ci_high", pa.float64(), "Wilson score 95% interval of the flagged rate, upper end."),
     ]
 )
 
@@ -298,12 +298,20 @@ EFFECTS = pa.schema(
         _field("judge", pa.string(), "substring, refusal_score or classifier."),
         _field("n_prompts", pa.int32(), "Prompts judged."),
         _field("refusal_rate", pa.float64(), "Share of prompts judged refused."),
-        _field("ci_low", pa.float64(), "Bootstrap 95% interval, lower end."),
-        _field("ci_high", pa.float64(), "Bootstrap 95% interval, upper end."),
+        _field("ci_low", pa.float64(), "Wilson score 95% interval of the refusal rate, lower end."),
+        _field("ci_high", pa.float64(), "Wilson score 95% interval of the refusal rate, upper end."),
         _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position."),
         _field("kl", pa.float64(), "Mean KL(baseline || intervened) at the first answer token.", True),
         _field("cross_entropy_change", pa.float64(),
                "Mean change in cross-entropy (nats/token) of the baseline's own answers under the intervention.", True),
+        _field("n_paired", pa.int32(), "Prompts answered both under the intervention and at baseline (paired by prompt id); "
+               "null on the baseline's own rows.", True),
+        _field("baseline_refusal_rate", pa.float64(),
+               "Refusal rate at baseline (no intervention) by the same judge over the paired prompts; null on the baseline's own rows.", True),
+        _field("difference", pa.float64(), "refusal_rate - baseline_refusal_rate over the paired prompts; null on the baseline's own rows.", True),
+        _field("difference_ci_low", pa.float64(),
+               "Paired 95% interval of the difference (Newcombe 1998 hybrid score, method 10), lower end.", True),
+        _field("difference_ci_high", pa.float64(), "Paired 95% interval of the difference, upper end.", True),
     ]
 )
 

@@ -35,13 +35,14 @@ def feature_generations(context: dg.AssetExecutionContext, study: StudyResource,
 
 
 @study_asset(group_name="features", kinds={"parquet"})
-def feature_effects(context: dg.AssetExecutionContext, study: StudyResource, feature_generations: pa.Table) -> dg.Output[Spool]:
-    """Refusal rate by each judge with bootstrap 95% intervals, per eval set x feature-set intervention (query feature_table sets them beside direction ablation)."""
+def feature_effects(context: dg.AssetExecutionContext, study: StudyResource, baseline_generations: pa.Table,
+                    feature_generations: pa.Table) -> dg.Output[Spool]:
+    """Refusal rate by each judge with Wilson 95% intervals and its paired difference from the baseline, per eval set x feature-set intervention (query feature_table sets them beside direction ablation)."""
     key = context.partition_key
-    settings = study.study(key).settings
-    rows = effect_rows(key, feature_generations.to_pylist(), seed=settings.seed)
+    rows = effect_rows(key, feature_generations.to_pylist(), baseline_generations.to_pylist())
     table = pa.Table.from_pylist(rows, schema=EFFECTS)
-    lineage = {**upstream_lineage(feature_generations=feature_generations), "settings": to_json({"bootstrap_seed": settings.seed})}
+    lineage = {**upstream_lineage(baseline_generations=baseline_generations, feature_generations=feature_generations),
+               "settings": to_json({"interval": "wilson", "paired_interval": "newcombe"})}
     staged = spool([table], EFFECTS, study.staging_dir, lineage)
     summary = {f"{r['eval_set']}/{r['intervention_name']}": round(r["refusal_rate"], 3)
                for r in rows if r["judge"] == "substring"}

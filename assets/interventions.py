@@ -36,19 +36,19 @@ def intervention_effects(
     context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, refusal_directions: pa.Table,
     baseline_generations: pa.Table, intervention_generations: pa.Table,
 ) -> dg.Output[Spool]:
-    """Refusal rate by each judge with bootstrap 95% intervals, mean refusal score, and KL and cross-entropy change on harmless prompts, per eval set x intervention."""
+    """Refusal rate by each judge with Wilson 95% intervals and its paired difference from the baseline, mean refusal score, and KL and cross-entropy change on harmless prompts, per eval set x intervention."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     harmless = eval_prompts(prompts, settings.max_eval_prompts_per_label)
     kl, cross_entropy = harmless_costs(loaded, harmless.filter(pc.equal(harmless["label"], "harmless")),
                                        baseline_generations, direction_interventions(refusal_directions))
     generations = pa.concat_tables([baseline_generations, intervention_generations]).to_pylist()
-    rows = effect_rows(loaded.study.key, generations, kl, cross_entropy, settings.seed)
+    rows = effect_rows(loaded.study.key, generations, baseline_generations.to_pylist(), kl, cross_entropy)
     table = pa.Table.from_pylist(rows, schema=EFFECTS)
     lineage = {**model_lineage(loaded), **upstream_lineage(
         prompts=prompts, refusal_directions=refusal_directions, baseline_generations=baseline_generations,
         intervention_generations=intervention_generations), "prompt_set_sha256": content_sha256(prompts),
-        "settings": to_json({"bootstrap_seed": settings.seed})}
+        "settings": to_json({"interval": "wilson", "paired_interval": "newcombe"})}
     staged = spool([table], EFFECTS, study.staging_dir, lineage)
     summary = {f"{r['eval_set']}/{r['intervention_kind']}": round(r["refusal_rate"], 3) for r in rows if r["judge"] == "substring"}
     context.log.info("Refusal rate by substring: %s; KL on harmless: %s", summary, kl)

@@ -49,13 +49,12 @@ def latent_guard(context: dg.AssetExecutionContext, study: StudyResource, prompt
                  category_directions: pa.Table) -> dg.Output[Spool]:
     """How often a harmful input is flagged by a threshold on the harmfulness direction, by one on the refusal direction, and by the substring judge on the model's own answer, on plain and jailbroken prompts."""
     key = context.partition_key
-    seed = study.study(key).settings.seed
     table = guard_table(key, prompts, activations, eval_activations, baseline_generations, jailbreak_generations,
-                        category_directions, seed)
+                        category_directions)
     lineage = {**upstream_lineage(prompts=prompts, activations=activations, eval_activations=eval_activations,
                                   baseline_generations=baseline_generations, jailbreak_generations=jailbreak_generations,
                                   category_directions=category_directions),
-               "settings": to_json({"bootstrap_seed": seed, "threshold": "best accuracy on stored harmful vs harmless prompts"})}
+               "settings": to_json({"interval": "wilson", "threshold": "best accuracy on stored harmful vs harmless prompts"})}
     staged = spool([table], LATENT_GUARD, study.staging_dir, lineage)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         f"flagged/{r['classifier']}/{r['eval_set']}": round(r["flagged_rate"], 3) for r in table.to_pylist()})

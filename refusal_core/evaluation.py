@@ -1,4 +1,4 @@
-"""Judged generations under an intervention, and refusal rates with bootstrap intervals."""
+"""Judged generations under an intervention, refusal rates with Wilson intervals, and the bootstrap for other statistics."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refusal_core.activations import length_batches
 from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.generation import generate_scored
+from refusal_core.intervals import paired_difference, wilson_interval
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.judges import ClassifierJudge, SubstringJudge
 from refusal_core.scoring import refusal_score
@@ -110,7 +111,8 @@ def judged_generations(
 
 
 def bootstrap_interval(values: Sequence[float], n_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean of `values` (0/1 verdicts or any numbers)."""
+    """95% percentile-bootstrap interval of the mean of `values`, for statistics with no closed form (a rate takes
+    `wilson_interval`)."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         raise ValueError("Cannot compute a mean over zero rows.")
@@ -145,30 +147,54 @@ INTERVENTION_COLUMNS = [field.name for field in INTERVENTION_FIELDS]
 JUDGE_COLUMNS = {"substring": "refused_substring", "refusal_score": "refused_score", "classifier": "refused_classifier"}
 
 
-def effect_rows(model_key: str, generations: Sequence[Mapping], kl: Mapping[str, float] | None = None,
-                cross_entropy: Mapping[str, float] | None = None, seed: int = 0) -> list[dict]:
-    """EFFECTS rows: per eval set x intervention x judge, the refusal rate with its bootstrap 95% interval.
+def effect_rows(model_key: str, generations: Sequence[Mapping], baseline: Sequence[Mapping],
+                kl: Mapping[str, float] | None = None, cross_entropy: Mapping[str, float] | None = None) -> list[dict]:
+    """EFFECTS rows: per eval set x intervention x judge, the refusal rate with its Wilson 95% interval.
 
-    `generations` are GENERATIONS rows; `kl` and `cross_entropy` (by intervention id) go on the harmless rows.
+    `generations` are GENERATIONS rows; `baseline` are the unhooked ones (intervention_kind none) on the same
+    eval sets. Each intervention's row also gets its difference in refusal rate from the baseline, by the same
+    judge over the same prompts (paired by prompt id), with Newcombe's paired 95% interval.
+    `kl` and `cross_entropy` (by intervention id) go on the harmless rows.
     A judge that gave no verdict (the classifier when the study has none) gets no row.
     """
     kl, cross_entropy = kl or {}, cross_entropy or {}
+    unhooked: dict[tuple[str, str], Mapping] = {}
+    for row in baseline:
+        if row["intervention_kind"] != "none":
+            raise ValueError(f"The baseline generations hold an intervention ({row['intervention_name']}); "
+                             "pass the unhooked generations (baseline_generations) as the baseline.")
+        unhooked[(row["label"], row["prompt_id"])] = row
     groups: dict[tuple[str, str], list[Mapping]] = {}
     for row in generations:
         groups.setdefault((row["label"], row["intervention_id"]), []).append(row)
     rows = []
     for (label, identity), members in sorted(groups.items()):
+        paired = None
+        if members[0]["intervention_kind"] != "none":
+            missing = [m["prompt_id"] for m in members if (label, m["prompt_id"]) not in unhooked]
+            if missing:
+                raise ValueError(f"{len(missing)} {label} prompts answered under {members[0]['intervention_name']} have "
+                                 f"no baseline answer (e.g. {missing[0]}); re-materialize baseline_generations so both "
+                                 "cover the same eval set.")
+            paired = [unhooked[(label, m["prompt_id"])] for m in members]
         for judge, column in JUDGE_COLUMNS.items():
             verdicts = [m[column] for m in members]
             if None in verdicts:
                 continue
-            low, high = bootstrap_interval(verdicts, seed=seed)
-            rows.append({
+            low, high = wilson_interval(sum(verdicts), len(verdicts))
+            row = {
                 "model_key": model_key, "eval_set": label,
                 **{column: members[0][column] for column in INTERVENTION_COLUMNS}, "judge": judge,
                 "n_prompts": len(members), "refusal_rate": sum(verdicts) / len(verdicts), "ci_low": low, "ci_high": high,
                 "mean_refusal_score": float(np.mean([m["refusal_score"] for m in members])),
                 "kl": kl.get(identity) if label == "harmless" else None,
                 "cross_entropy_change": cross_entropy.get(identity) if label == "harmless" else None,
-            })
+            }
+            before = None if paired is None else [b[column] for b in paired]
+            if before is not None and None not in before:
+                difference, difference_low, difference_high = paired_difference(verdicts, before)
+                row |= {"n_paired": len(before), "baseline_refusal_rate": sum(before) / len(before),
+                        "difference": difference, "difference_ci_low": difference_low,
+                        "difference_ci_high": difference_high}
+            rows.append(row)
     return rows

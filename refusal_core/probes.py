@@ -16,8 +16,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from refusal_core.directions import direction_row
-from refusal_core.evaluation import bootstrap_interval
 from refusal_core.features import refusal_members
+from refusal_core.intervals import wilson_interval
 from refusal_core.prompts import wrapped_prompts
 from refusal_core.readouts import feature_activations, projections, residual_vectors
 from refusal_core.saes import LoadedSae
@@ -224,11 +224,10 @@ def probe_table(model_key: str, activations: pa.Table, eval_activations: pa.Tabl
 
 
 def guard_table(model_key: str, prompts: pa.Table, activations: pa.Table, eval_activations: pa.Table,
-                baseline_generations: pa.Table, jailbreak_generations: pa.Table, category_directions: pa.Table,
-                seed: int = 0) -> pa.Table:
+                baseline_generations: pa.Table, jailbreak_generations: pa.Table, category_directions: pa.Table) -> pa.Table:
     """LATENT_GUARD rows: the share of each eval set (harmful, harmless, each jailbreak family) flagged harmful by a
     threshold on the harmfulness direction, by one on the refusal direction (each fitted on the stored harmful vs
-    harmless prompts, not those the jailbreaks wrap) and by the substring judge on the model's answer, with intervals."""
+    harmless prompts, not those the jailbreaks wrap) and by the substring judge on the model's answer, with Wilson intervals."""
     families = dict(zip(prompts["prompt_id"].to_pylist(), prompts["source"].to_pylist()))
     judged = {**judged_refusals(baseline_generations, ("harmful", "harmless")),
               **judged_refusals(jailbreak_generations, ("jailbreak",))}
@@ -246,7 +245,7 @@ def guard_table(model_key: str, prompts: pa.Table, activations: pa.Table, eval_a
     for classifier, (threshold, flagged) in classifiers.items():
         for eval_set, ids in sorted(eval_sets.items()):
             verdicts = [flagged[i] for i in ids]
-            low, high = bootstrap_interval(verdicts, seed=seed)
+            low, high = wilson_interval(sum(verdicts), len(verdicts))
             rows.append({"model_key": model_key, "classifier": classifier, "eval_set": eval_set, "threshold": threshold,
                          "n_prompts": len(ids), "flagged_rate": float(np.mean(verdicts)), "ci_low": low, "ci_high": high})
     return pa.Table.from_pylist(rows, schema=LATENT_GUARD)

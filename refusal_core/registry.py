@@ -142,7 +142,7 @@ class Settings(_Strict):
         default=16, gt=0, description="Jailbreaks per family (DAN and GCG, paired with the prompt they wrap; past/future "
         "tense rewrites) that are generated for and judged, with the base prompts of the paired ones."
     )
-    probe_seeds: int = Field(default=50, gt=0, description="Bootstrap seeds behind the probe and guard intervals.")
+    probe_seeds: int = Field(default=50, gt=0, description="Bootstrap seeds behind the probe intervals.")
     upstream_candidates: int = Field(
         default=16, gt=0, description="Latents per earlier SAE layer (best by harmful-minus-harmless activation) whose "
         "clamping is measured on the later refusal features."

@@ -268,8 +268,8 @@ LATENT_GUARD = pa.schema(
         _field("threshold", pa.float64(), "Projection threshold fitted on the stored (train and val) harmful vs harmless prompts; null for the judge.", True),
         _field("n_prompts", pa.int32(), "Prompts classified."),
         _field("flagged_rate", pa.float64(), "Share flagged as harmful: detection on harmful and jailbreak sets, false alarms on harmless."),
-        _field("ci_low", pa.float64(), "Bootstrap 95% interval, lower end."),
-        _field("ci_high", pa.float64(), "Bootstrap 95% interval, upper end."),
+        _field("ci_low", pa.float64(), "Wilson score 95% interval of the flagged rate, lower end."),
+        _field("ci_high", pa.float64(), "Wilson score 95% interval of the flagged rate, upper end."),
     ]
 )
 
@@ -298,12 +298,20 @@ EFFECTS = pa.schema(
         _field("judge", pa.string(), "substring, refusal_score or classifier."),
         _field("n_prompts", pa.int32(), "Prompts judged."),
         _field("refusal_rate", pa.float64(), "Share of prompts judged refused."),
-        _field("ci_low", pa.float64(), "Bootstrap 95% interval, lower end."),
-        _field("ci_high", pa.float64(), "Bootstrap 95% interval, upper end."),
+        _field("ci_low", pa.float64(), "Wilson score 95% interval of the refusal rate, lower end."),
+        _field("ci_high", pa.float64(), "Wilson score 95% interval of the refusal rate, upper end."),
         _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position."),
         _field("kl", pa.float64(), "Mean KL(baseline || intervened) at the first answer token.", True),
         _field("cross_entropy_change", pa.float64(),
                "Mean change in cross-entropy (nats/token) of the baseline's own answers under the intervention.", True),
+        _field("n_paired", pa.int32(), "Prompts answered both under the intervention and at baseline (paired by prompt id); "
+               "null on the baseline's own rows.", True),
+        _field("baseline_refusal_rate", pa.float64(),
+               "Refusal rate at baseline (no intervention) by the same judge over the paired prompts; null on the baseline's own rows.", True),
+        _field("difference", pa.float64(), "refusal_rate - baseline_refusal_rate over the paired prompts; null on the baseline's own rows.", True),
+        _field("difference_ci_low", pa.float64(),
+               "Paired 95% interval of the difference (Newcombe 1998 hybrid score, method 10), lower end.", True),
+        _field("difference_ci_high", pa.float64(), "Paired 95% interval of the difference, upper end.", True),
     ]
 )
 
@@ -382,12 +390,12 @@ TABLES = {table.name: table for table in [
     Table("category_directions", DIRECTIONS, "Directions per harm category, over-refusal and harmfulness, with cosines.", False),
     Table("saes", SAE_QUALITY, "The study's SAEs per layer and their reconstruction quality.", True),
     Table("intervention_generations", GENERATIONS, "Judged answers with the refusal direction ablated or added.", True, version=2),
-    Table("intervention_effects", EFFECTS, "Refusal rates, KL and cross-entropy change per direction intervention.", True, version=2),
+    Table("intervention_effects", EFFECTS, "Refusal rates (Wilson intervals), paired differences from the baseline, KL and cross-entropy change per direction intervention.", True, version=3),
     Table("latent_attributions", LATENT_ATTRIBUTIONS, "Candidate latents' cosine, activation difference, attribution and rank.", True),
     Table("feature_sets", FEATURE_SETS, "The latents of each feature set (cossim_ap, cosine, ..., random).", True),
     Table("feature_cards", FEATURE_CARDS, "Each selected latent's scores, sets, top prompts and Neuronpedia page.", True),
     Table("feature_generations", GENERATIONS, "Judged answers with each feature set clamped or induced.", True, version=2),
-    Table("feature_effects", EFFECTS, "Refusal rates per feature-set intervention.", False, version=2),
+    Table("feature_effects", EFFECTS, "Refusal rates (Wilson intervals) and paired differences from the baseline per feature-set intervention.", False, version=3),
     Table("refusal_along_sequence", SEQUENCE_PROJECTIONS, "Projection on the refusal direction per layer and position.", True),
     Table("feature_edges", FEATURE_EDGES, "Effect of clamping an upstream latent on each refusal feature.", True),
     Table("jailbreak_generations", GENERATIONS, "Judged answers to jailbreaks and the base prompts they wrap.", True, version=2),
@@ -395,7 +403,7 @@ TABLES = {table.name: table for table in [
     Table("jailbreak_analysis", JAILBREAK_PAIRS, "Refusal features and directions on each (base prompt, jailbreak) pair.", True),
     Table("jailbreak_summary", JAILBREAK_SUMMARY, "Mean refusal-feature drop of succeeded vs failed jailbreaks per family.", False),
     Table("refusal_probes", PROBE_RESULTS, "Accuracy and AUROC of refusal probes per input and test set.", True),
-    Table("latent_guard", LATENT_GUARD, "Share flagged harmful by direction thresholds and the judge per eval set.", False),
+    Table("latent_guard", LATENT_GUARD, "Share flagged harmful by direction thresholds and the judge per eval set.", False, version=2),
     Table("lineage", LINEAGE, "Where each artifact of each study came from: inputs, code, packages, device.", False, version=2),
 ]}
 """Every table, by name: the warehouse views, the IO manager's version checks and the tests come from it."""

@@ -119,7 +119,7 @@ def _rate_bars(rows: list[dict], title: str, figsize: tuple[float, float] = (6.4
     axis.set_ylim(0, 1.12)
     axis.set_ylabel("refusal rate (substring judge)")
     axis.set_xlabel("eval set")
-    axis.set_title(f"{title}\n(95% bootstrap intervals)", fontsize=10)
+    axis.set_title(f"{title}\n(95% Wilson score intervals)", fontsize=10)
     axis.legend(title="method", frameon=False, fontsize=7, bbox_to_anchor=(1.0, 1.0), loc="upper left")
     return figure
 

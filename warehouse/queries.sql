@@ -1,9 +1,13 @@
 -- Named queries: `refusal-sae query NAME`. Each starts with a "-- name:" line and a one-line description.
 
 -- name: main_table
--- Refusal rate per intervention and eval set, by judge, with bootstrap 95% intervals (the paper's main table).
+-- Refusal rate per intervention and eval set, by judge, with Wilson 95% intervals, and each intervention's paired difference from the baseline in points (the paper's main table).
 SELECT model, eval_set, intervention_kind AS method, judge, n_prompts,
+       format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
+       CASE WHEN difference IS NOT NULL THEN format('{:+.0f} [{:+.0f}, {:+.0f}] n={}', 100 * difference, 100 * difference_ci_low, 100 * difference_ci_high, n_paired) END AS difference_ci,
        round(refusal_rate, 3) AS refusal_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
+       round(difference, 3) AS difference, round(difference_ci_low, 3) AS difference_ci_low,
+       round(difference_ci_high, 3) AS difference_ci_high,
        round(mean_refusal_score, 2) AS mean_refusal_score, round(kl, 4) AS kl,
        round(cross_entropy_change, 4) AS cross_entropy_change
 FROM intervention_effects
@@ -74,16 +78,22 @@ FROM saes
 ORDER BY model, layer_index;
 
 -- name: feature_table
--- Refusal rate per method and eval set: baseline, direction ablation/addition and each SAE feature set clamped or set (the paper's main table).
-SELECT model, eval_set, method, judge, n_prompts, round(refusal_rate, 3) AS refusal_rate,
-       round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high, round(mean_refusal_score, 2) AS mean_refusal_score
+-- Refusal rate per method and eval set with Wilson 95% intervals, and the paired difference from the baseline in points: baseline, direction ablation/addition and each SAE feature set clamped or set (the paper's main table).
+SELECT model, eval_set, method, judge, n_prompts,
+       format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
+       CASE WHEN difference IS NOT NULL THEN format('{:+.0f} [{:+.0f}, {:+.0f}] n={}', 100 * difference, 100 * difference_ci_low, 100 * difference_ci_high, n_paired) END AS difference_ci,
+       round(refusal_rate, 3) AS refusal_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
+       round(difference, 3) AS difference, round(difference_ci_low, 3) AS difference_ci_low,
+       round(difference_ci_high, 3) AS difference_ci_high, round(mean_refusal_score, 2) AS mean_refusal_score
 FROM (
     SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
+           difference, difference_ci_low, difference_ci_high, n_paired,
            CASE intervention_kind WHEN 'none' THEN 'baseline' WHEN 'ablate' THEN 'direction ablation'
                 WHEN 'add' THEN 'direction addition' ELSE intervention_kind END AS method
     FROM intervention_effects
     UNION ALL
     SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
+           difference, difference_ci_low, difference_ci_high, n_paired,
            intervention_kind || ' ' || feature_set AS method
     FROM feature_effects
 )
@@ -151,8 +161,10 @@ FROM refusal_probes
 ORDER BY model, test_set DESC, probe;
 
 -- name: latent_guard
--- Share of prompts flagged harmful by the harmfulness direction, the refusal direction and the model's own refusals.
-SELECT model, eval_set, classifier, n_prompts, round(flagged_rate, 3) AS flagged_rate, round(ci_low, 3) AS ci_low,
+-- Share of prompts flagged harmful by the harmfulness direction, the refusal direction and the model's own refusals, with Wilson 95% intervals.
+SELECT model, eval_set, classifier, n_prompts,
+       format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * flagged_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
+       round(flagged_rate, 3) AS flagged_rate, round(ci_low, 3) AS ci_low,
        round(ci_high, 3) AS ci_high, round(threshold, 2) AS threshold
 FROM latent_guard
 ORDER BY model, eval_set, classifier;

@@ -97,3 +97,24 @@ def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypa
     assert "no_such_column" in capsys.readouterr().err
     assert main(["query", "nope"]) == 2
     assert "No query named 'nope'; the named queries are: attribution_by_layer, category_cosines" in capsys.readouterr().err
+
+
+def test_the_main_tables_show_each_rate_with_its_wilson_interval_and_n_and_each_paired_difference(tmp_path):
+    from refusal_core.evaluation import effect_rows
+    from tests.core.test_evaluation import _generation
+
+    ids = [f"p{i:02d}" for i in range(32)]
+    baseline = [_generation(i, "none", k < 17) for k, i in enumerate(ids)]
+    ablated = [_generation(i, "ablate", False) for i in ids]
+    effects = TABLES["intervention_effects"]
+    rows = effect_rows("m", baseline + ablated, baseline)
+    write_parquet(tmp_path / "intervention_effects" / "model=s" / "data.parquet", effects.schema,
+                  pa.Table.from_pylist(rows, schema=effects.schema).to_batches(), effects.file_metadata())
+    with connect(tmp_path) as warehouse:
+        for name in ("main_table", "feature_table"):
+            shown = {r["method"]: r for r in warehouse.rows(named_queries()[name][1], "s") if r["judge"] == "substring"}
+            baseline_row = shown["none" if name == "main_table" else "baseline"]
+            ablated_row = shown["ablate" if name == "main_table" else "direction ablation"]
+            assert baseline_row["rate_ci"] == "53% [36, 69] n=32" and baseline_row["difference_ci"] is None
+            assert ablated_row["rate_ci"] == "0% [0, 11] n=32" and ablated_row["ci_high"] == 0.107
+            assert ablated_row["difference_ci"].startswith("-53 [") and ablated_row["difference"] == -0.531

@@ -7,11 +7,11 @@ import dagster as dg
 from pipelines.metadata import png_metadata
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
+from refusal_core.parquet import file_metadata
 from refusal_core.storage import Location, uri, write_atomically
+from refusal_core.tables import NOTES_KEY, TABLES
 from warehouse.lineage import lineage_tree
 from warehouse.query import connect, named_query
-from refusal_core.parquet import file_metadata
-from refusal_core.tables import NOTES_KEY, TABLES
 from warehouse.figures import FIGURES, cross_study, save
 from warehouse.report import REPORT_TABLES, render_index, render_report
 

@@ -375,4 +375,4 @@ def test_study_without_saes_materializes_with_empty_sae_tables_and_notes(tmp_pat
     assert {r["probe"] for r in probes} == {"dense_residual", "harmfulness_direction", "refusal_direction"}
     assert pq.read_table(warehouse / "jailbreak_analysis" / "model=tiny-bare" / "data.parquet").num_rows == 6
     page = (warehouse / "report" / "model=tiny-bare" / "index.html").read_text()
-    assert "id='notes'" in page and "has no SAEs" in page and "Figure feature_clamping" not in page
+    assert "id='notes'" in page and "has no SAEs" in page

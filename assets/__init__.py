@@ -16,3 +16,11 @@ def checkpoints(context: dg.AssetExecutionContext, study: StudyResource, lineage
                 "code_version": context.assets_def.code_versions_by_key[context.asset_key], **lineage}
     return step_checkpoints(study.staging_dir / "checkpoints", (context.asset_key.to_user_string(), key), identity,
                             context.log.info)
+
+
+def noted(context: dg.AssetExecutionContext, *notes: str | None) -> list[str]:
+    """The step's notes, each once (None dropped), logged as warnings; `spool(..., notes=)` publishes them with its table."""
+    kept = list(dict.fromkeys(note for note in notes if note))
+    for note in kept:
+        context.log.warning(note)
+    return kept

@@ -3,14 +3,14 @@
 import dagster as dg
 import pyarrow as pa
 
-from assets import checkpoints
-from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
+from assets import checkpoints, noted
+from pipelines.metadata import content_sha256, model_lineage, upstream_lineage, upstream_notes
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.chat import instruction_offset
 from refusal_core.evaluation import effect_rows
 from refusal_core.prompts import eval_prompts
-from refusal_core.saes import study_saes
+from refusal_core.saes import no_saes_note, study_saes
 from refusal_core.study_interventions import INDUCED_SETS, feature_interventions, judged_interventions
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.tables import EFFECTS, GENERATIONS
@@ -21,13 +21,16 @@ def feature_generations(context: dg.AssetExecutionContext, study: StudyResource,
     """Greedy answers with each feature set's latents (and the upstream set's) multiplied by -m on harmful test prompts, and the CosSim+AP and random sets set to a constant on harmless ones, judged."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
-    applied = feature_interventions(study_saes(loaded, saes), feature_sets, feature_edges, settings.clamp_multiplier,
-                                    instruction_offset(loaded.tokenizer, loaded.study.chat_template))
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, saes=saes, feature_sets=feature_sets,
                                                            feature_edges=feature_edges),
                "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"max_new_tokens": settings.max_new_tokens, "clamp_multiplier": settings.clamp_multiplier,
                                     "induce_multiplier": settings.induce_multiplier, "induced_sets": INDUCED_SETS})}
+    if saes.num_rows == 0:
+        staged = spool([], GENERATIONS, study.staging_dir, lineage, noted(context, no_saes_note(loaded.study.key)))
+        return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_generations": 0})
+    applied = feature_interventions(study_saes(loaded, saes), feature_sets, feature_edges, settings.clamp_multiplier,
+                                    instruction_offset(loaded.tokenizer, loaded.study.chat_template))
     table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label), applied,
                                  study.classifier(loaded.study.key), context.log.info, checkpoints(context, study, lineage))
     staged = spool([table], GENERATIONS, study.staging_dir, lineage)
@@ -43,7 +46,7 @@ def feature_effects(context: dg.AssetExecutionContext, study: StudyResource, bas
     table = pa.Table.from_pylist(rows, schema=EFFECTS)
     lineage = {**upstream_lineage(baseline_generations=baseline_generations, feature_generations=feature_generations),
                "settings": to_json({"interval": "wilson", "paired_interval": "newcombe"})}
-    staged = spool([table], EFFECTS, study.staging_dir, lineage)
+    staged = spool([table], EFFECTS, study.staging_dir, lineage, noted(context, *upstream_notes(feature_generations)))
     summary = {f"{r['eval_set']}/{r['intervention_name']}": round(r["refusal_rate"], 3)
                for r in rows if r["judge"] == "substring"}
     context.log.info("Refusal rate by substring: %s", summary)

@@ -3,6 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
+from assets import noted
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
@@ -19,14 +20,12 @@ def refusal_directions(context: dg.AssetExecutionContext, study: StudyResource, 
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     selection = select_refusal_direction(loaded, prompts, activations, prompt_behaviour)
-    for note in selection.notes:
-        context.log.warning(note)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations,
                                                            prompt_behaviour=prompt_behaviour),
                "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"direction_candidates": settings.direction_candidates,
                                     "selection_prompts": settings.selection_prompts})}
-    staged = spool([selection.table()], DIRECTION_CANDIDATES, study.staging_dir, lineage)
+    staged = spool([selection.table()], DIRECTION_CANDIDATES, study.staging_dir, lineage, noted(context, *selection.notes))
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=selection.metadata())
 
 

@@ -3,7 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
-from assets import checkpoints
+from assets import checkpoints, noted
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
@@ -14,7 +14,7 @@ from refusal_core.directions import selected_direction
 from refusal_core.features import TOP_PROMPTS, build_feature_cards, select_feature_sets
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.readouts import latent_activations
-from refusal_core.saes import study_saes
+from refusal_core.saes import no_saes_note, study_saes
 from refusal_core.tables import FEATURE_CARDS, FEATURE_SETS, LATENT_ATTRIBUTIONS
 
 
@@ -25,15 +25,16 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     skip = instruction_offset(loaded.tokenizer, loaded.study.chat_template)
-    items = study_saes(loaded, saes)
-    rows, _, latents = latent_activations(activations, prompts, items)
-    refused = behaving(prompt_behaviour, "harmful", "train", refused=True, limit=settings.attribution_prompts)
-    if refused.note:
-        context.log.warning(refused.note)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations,
                                                            refusal_directions=refusal_directions, saes=saes,
                                                            prompt_behaviour=prompt_behaviour),
                "prompt_set_sha256": content_sha256(prompts)}
+    if saes.num_rows == 0:
+        staged = spool([], LATENT_ATTRIBUTIONS, study.staging_dir, lineage, noted(context, no_saes_note(loaded.study.key)))
+        return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_attribution_prompts": 0})
+    items = study_saes(loaded, saes)
+    rows, _, latents = latent_activations(activations, prompts, items)
+    refused = behaving(prompt_behaviour, "harmful", "train", refused=True, limit=settings.attribution_prompts)
     ranking = rank_latents(loaded.study.key, loaded.model, loaded.tokenizer,
                            {layer: item.sae for layer, item in items.items()}, selected_direction(refusal_directions)[1],
                            latents, [row["label"] for row in rows], chat_texts(loaded, prompts, refused.prompt_ids),
@@ -42,7 +43,7 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
     lineage["settings"] = to_json({"attribution_prompts": ranking.prompt_ids, "steps": settings.attribution_steps,
                                    "cosine_top_k": settings.cosine_top_k, "skip_first": skip,
                                    "metric": "logit(own compliance token) - logit(own refusal token), last position"})
-    staged = spool([ranking.table()], LATENT_ATTRIBUTIONS, study.staging_dir, lineage)
+    staged = spool([ranking.table()], LATENT_ATTRIBUTIONS, study.staging_dir, lineage, noted(context, refused.note))
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         "n_attribution_prompts": len(ranking.prompt_ids), "metric_clean": round(ranking.clean_metric, 3),
         "metric_ablated": round(ranking.patched_metric, 3),
@@ -55,19 +56,20 @@ def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompt
     """Feature sets of equal size: CosSim+AP (the paper's), cosine only, activation difference, attribution only, and random latents from the same layers."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
-    items = study_saes(loaded, saes)
-    rows, _, latents = latent_activations(activations, prompts, items)
-    chosen = select_feature_sets(loaded.study.key, latent_attributions, {layer: item.sae for layer, item in items.items()},
-                                 selected_direction(refusal_directions)[1], latents, [row["label"] for row in rows],
-                                 settings.feature_set_size, settings.induce_multiplier, settings.seed)
-    for note in chosen.notes:
-        context.log.warning(note)
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations, saes=saes,
                                                            refusal_directions=refusal_directions,
                                                            latent_attributions=latent_attributions),
                "settings": to_json({"feature_set_size": settings.feature_set_size, "cosine_top_k": settings.cosine_top_k,
                                     "induce_multiplier": settings.induce_multiplier, "seed": settings.seed})}
-    staged = spool([chosen.table()], FEATURE_SETS, study.staging_dir, lineage)
+    if saes.num_rows == 0:
+        staged = spool([], FEATURE_SETS, study.staging_dir, lineage, noted(context, no_saes_note(loaded.study.key)))
+        return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"cossim_ap": ""})
+    items = study_saes(loaded, saes)
+    rows, _, latents = latent_activations(activations, prompts, items)
+    chosen = select_feature_sets(loaded.study.key, latent_attributions, {layer: item.sae for layer, item in items.items()},
+                                 selected_direction(refusal_directions)[1], latents, [row["label"] for row in rows],
+                                 settings.feature_set_size, settings.induce_multiplier, settings.seed)
+    staged = spool([chosen.table()], FEATURE_SETS, study.staging_dir, lineage, noted(context, *chosen.notes))
     cossim_ap = chosen.members["cossim_ap"]
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         "cossim_ap": ", ".join(f"L{layer}/{latent}" for layer, latent in cossim_ap),
@@ -80,13 +82,16 @@ def feature_cards(context: dg.AssetExecutionContext, study: StudyResource, promp
     """One card per selected latent: its scores, the stored prompts that activate it most, and its Neuronpedia page when there is one."""
     loaded = study.load(context.partition_key)
     spec = loaded.study.saes
+    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations, saes=saes,
+                                                           feature_sets=feature_sets),
+               "settings": to_json({"top_prompts": TOP_PROMPTS})}
+    if saes.num_rows == 0:
+        staged = spool([], FEATURE_CARDS, study.staging_dir, lineage, noted(context, no_saes_note(loaded.study.key)))
+        return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_cards": 0})
     rows, tokens, latents = latent_activations(activations, prompts, study_saes(loaded, saes))
     cards = build_feature_cards(loaded.study.key, feature_sets, rows, tokens, latents,
                                 dict(zip(saes["layer_index"].to_pylist(), saes["sae_id"].to_pylist())),
                                 spec.release if spec.kind == "pretrained" else None)
-    lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations, saes=saes,
-                                                           feature_sets=feature_sets),
-               "settings": to_json({"top_prompts": TOP_PROMPTS})}
     staged = spool([cards.table()], FEATURE_CARDS, study.staging_dir, lineage)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         "n_cards": len(cards.cards), "harmful_share_of_top_prompts": round(cards.harmful_share, 3)})

@@ -3,7 +3,7 @@
 import dagster as dg
 import pyarrow as pa
 
-from assets import checkpoints
+from assets import checkpoints, noted
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
@@ -16,7 +16,7 @@ from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.probes import fitted_threshold
 from refusal_core.prompts import wrapped_prompts
 from refusal_core.readouts import feature_activations, projections
-from refusal_core.saes import study_saes
+from refusal_core.saes import no_saes_note, study_saes
 from refusal_core.tables import GENERATIONS, JAILBREAK_PAIRS, JAILBREAK_SUMMARY
 
 
@@ -71,7 +71,8 @@ def jailbreak_analysis(context: dg.AssetExecutionContext, study: StudyResource, 
                                                            jailbreak_generations=jailbreak_generations,
                                                            feature_sets=feature_sets, category_directions=category_directions),
                "settings": to_json({"feature_set": "cossim_ap", "judge": "substring", "harmfulness_threshold": threshold})}
-    staged = spool([pairs.table()], JAILBREAK_PAIRS, study.staging_dir, lineage)
+    notes = noted(context, None if saes.num_rows else no_saes_note(loaded.study.key))
+    staged = spool([pairs.table()], JAILBREAK_PAIRS, study.staging_dir, lineage, notes)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata=pairs.counts)
 
 
@@ -81,9 +82,7 @@ def jailbreak_summary(context: dg.AssetExecutionContext, study: StudyResource, j
     key = context.partition_key
     seed = study.study(key).settings.seed
     summary = summarize_jailbreaks(key, jailbreak_analysis.to_pylist(), seed)
-    for note in summary.notes:
-        context.log.warning(note)
     lineage = {**upstream_lineage(jailbreak_analysis=jailbreak_analysis), "settings": to_json({"bootstrap_seed": seed})}
-    staged = spool([summary.table()], JAILBREAK_SUMMARY, study.staging_dir, lineage)
+    staged = spool([summary.table()], JAILBREAK_SUMMARY, study.staging_dir, lineage, noted(context, *summary.notes))
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256),
                      metadata={f"drop/{group}": round(drop, 3) for group, drop in summary.drops.items()})

@@ -3,13 +3,14 @@
 import dagster as dg
 import pyarrow as pa
 
+from assets import noted
 from pipelines.metadata import model_lineage, upstream_lineage
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.probes import guard_table, judged_refusals, probe_inputs, probe_table, probe_training_set
 from refusal_core.prompts import wrapped_prompts
-from refusal_core.saes import study_saes
+from refusal_core.saes import no_saes_note, study_saes
 from refusal_core.tables import LATENT_GUARD, PROBE_RESULTS
 
 
@@ -29,8 +30,6 @@ def refusal_probes(context: dg.AssetExecutionContext, study: StudyResource, prom
                          settings.probe_seeds, settings.seed)
     if result.dense:
         context.log.info("Dense residual probe: layer %d has the best cross-validated accuracy (%.3f).", *result.dense)
-    for note in result.notes:
-        context.log.warning(note)
     lineage = {**model_lineage(loaded), **upstream_lineage(
         prompts=prompts, activations=activations, eval_activations=eval_activations, saes=saes, feature_sets=feature_sets,
         baseline_generations=baseline_generations, jailbreak_generations=jailbreak_generations,
@@ -38,7 +37,8 @@ def refusal_probes(context: dg.AssetExecutionContext, study: StudyResource, prom
         "settings": to_json({"probe_seeds": settings.probe_seeds, "seed": settings.seed, "judge": "substring",
                              "train_labels": "refusal score > 0 at the first answer token",
                              "features": "mean over the post-instruction tokens; directions at their own place"})}
-    staged = spool([result.table()], PROBE_RESULTS, study.staging_dir, lineage)
+    notes = noted(context, None if saes.num_rows else no_saes_note(loaded.study.key), *result.notes)
+    staged = spool([result.table()], PROBE_RESULTS, study.staging_dir, lineage, notes)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         f"accuracy/{r['probe']}/{r['test_set']}": round(r["accuracy"], 3) for r in result.rows if r.get("accuracy") is not None})
 

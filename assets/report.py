@@ -1,14 +1,18 @@
 """The study's static HTML report, written next to its Parquet files."""
 
+import json
+
 import dagster as dg
 
 from pipelines.metadata import png_metadata
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
+from refusal_core.parquet import file_metadata
 from refusal_core.storage import Location, uri, write_atomically
+from refusal_core.tables import NOTES_KEY, TABLES
 from warehouse.lineage import lineage_tree
 from warehouse.query import connect, named_query
-from warehouse.figures import cross_study, save
+from warehouse.figures import FIGURES, cross_study, save
 from warehouse.report import REPORT_TABLES, render_index, render_report
 
 
@@ -25,7 +29,7 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     with connect(root) as warehouse:
         tables = {name: warehouse.rows(named_query(name), key) for name in REPORT_TABLES}
     lineage = [line for name in LINEAGE_SHOWN for line in [*lineage_tree(root, name, key), ""]]
-    page = render_report(key, pngs, tables, lineage[:-1])
+    page = render_report(key, pngs, tables, lineage[:-1], study_notes(root, key, pngs))
     path = _write(root / "report" / f"model={key}" / "index.html", page)
     # The overview of every study in the warehouse, redrawn whenever one of them is reported.
     with connect(root) as warehouse:
@@ -36,6 +40,21 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
         "path": dg.MetadataValue.path(str(path)), "n_figures": len(pngs), "url": dg.MetadataValue.url(uri(path)),
         "overview": dg.MetadataValue.url(uri(overview)), "n_studies": len(every),
         **(png_metadata("cross_study", figure) if figure else {})})
+
+
+def study_notes(root: Location, key: str, pngs: dict) -> dict[str, list[str]]:
+    """Every note of the study's tables (from their Parquet metadata) -> the tables carrying it, and a note per figure
+    left out because its query had no rows."""
+    notes: dict[str, list[str]] = {}
+    for name in TABLES:
+        path = root / name / f"model={key}" / "data.parquet"
+        if path.exists():
+            for note in json.loads(file_metadata(path).get(NOTES_KEY, "[]")):
+                notes.setdefault(note, []).append(name)
+    for name, (query, _) in FIGURES.items():
+        if name not in pngs:
+            notes.setdefault(f"Figure {name} is left out: its query {query} has no rows for this study.", []).append("figures")
+    return notes
 
 
 def _write(path: Location, page: str) -> Location:

@@ -10,7 +10,7 @@ import pyarrow as pa
 from refusal_core.lineage import LineageRecord
 from refusal_core.parquet import Spool, read_parquet, write_parquet
 from refusal_core.storage import Location, location, shown
-from refusal_core.tables import TABLES, Table
+from refusal_core.tables import NOTES_KEY, TABLES, Table
 
 PREVIEW_ROWS = 5
 LINEAGE = TABLES["lineage"]
@@ -21,8 +21,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
 
     Assets hand over a `Spool` (rows already staged and hashed); this manager streams it into
     `<root>/<asset>/model=<study>/data.parquet` in one step (a rename locally, one upload to an
-    object store), with the lineage record and the table's schema version as the file's key-value
-    metadata, then deletes the spool. Reading a file written with another schema version is refused.
+    object store), with the lineage record, the table's schema version and the step's notes as the
+    file's key-value metadata, then deletes the spool. Reading a file written with another schema version is refused.
     """
 
     root: str
@@ -46,7 +46,8 @@ class ParquetIOManager(dg.ConfigurableIOManager):
         )
         preview = _preview(obj)
         try:
-            write_parquet(path, obj.schema, obj.batches(), {**record.file_metadata(), **table.file_metadata()})
+            write_parquet(path, obj.schema, obj.batches(), {**record.file_metadata(), **table.file_metadata(),
+                                                            NOTES_KEY: json.dumps(list(obj.notes))})
         except OSError as error:  # a missing bucket, refused credentials, a full disk
             reason = " ".join(str(error).split()) or type(error).__name__
             raise OSError(f"Cannot write {asset} to the warehouse {shown(location(self.root))} ({reason}); create it "
@@ -65,6 +66,7 @@ class ParquetIOManager(dg.ConfigurableIOManager):
                 "upstream": dg.MetadataValue.json(json.loads(record.upstream)),
                 "dagster/column_schema": column_schema(obj.schema),
                 "preview": dg.MetadataValue.md(preview),
+                **({"notes": dg.MetadataValue.md("\n".join(f"- {note}" for note in obj.notes))} if obj.notes else {}),
             }
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import dagster as dg
 import pyarrow as pa
@@ -10,6 +11,7 @@ import pyarrow as pa
 from refusal_core.models import LoadedModel
 from refusal_core.storage import Location
 from refusal_core.parquet import to_json
+from refusal_core.tables import NOTES_KEY
 
 
 def content_sha256(table: pa.Table) -> str:
@@ -22,6 +24,12 @@ def model_lineage(loaded: LoadedModel) -> dict[str, str]:
     """Lineage fields that describe the model and where it ran."""
     return {"model_source": loaded.source, "model_sha256": loaded.weights_sha256,
             "device": str(loaded.device), "dtype": str(loaded.model.dtype)}
+
+
+def upstream_notes(*tables: pa.Table) -> list[str]:
+    """The notes the upstream tables were published with (from their Parquet metadata), in order."""
+    return [note for table in tables
+            for note in json.loads((table.schema.metadata or {}).get(NOTES_KEY.encode(), b"[]").decode())]
 
 
 def upstream_lineage(**tables: pa.Table) -> dict[str, str]:

@@ -21,9 +21,9 @@ TOP_PROMPTS = 5
 
 
 def refusal_members(feature_sets: pa.Table, name: str = "cossim_ap") -> list[tuple[int, int]]:
-    """(layer, latent) of a feature set, in rank order."""
+    """(layer, latent) of a feature set, in rank order; none when the table is empty (a study without SAEs)."""
     rows = feature_sets.filter(pc.equal(feature_sets["feature_set"], name)).sort_by("rank")
-    if rows.num_rows == 0:
+    if rows.num_rows == 0 and feature_sets.num_rows:
         raise ValueError(f"The feature_sets table has no {name!r} set; re-materialize feature_sets.")
     return list(zip(rows["layer_index"].to_pylist(), rows["latent_index"].to_pylist()))
 

@@ -29,6 +29,8 @@ class Spool:
     """Number of rows."""
     lineage: Mapping[str, str]
     """Lineage fields the producer knows (model source and sha, prompt set hash, upstream, settings)."""
+    notes: tuple[str, ...] = ()
+    """Sentences saying what the step had nothing to work on or which fallback it took; published with the file."""
 
     def batches(self) -> Iterator[pa.RecordBatch]:
         """Read the rows back one record batch at a time."""
@@ -41,11 +43,13 @@ def spool(
     schema: pa.Schema,
     directory: Path,
     lineage: Mapping[str, str] | None = None,
+    notes: Iterable[str] = (),
 ) -> Spool:
     """Write `batches` to an IPC file in `directory`, checking them against `schema` and hashing them.
 
     Batches are written as they come, so memory stays bounded by one batch. A column that is
-    not in `schema` is an error rather than being dropped silently.
+    not in `schema` is an error rather than being dropped silently. `notes` (each sentence once, in
+    order) travel with the spool into the published file's metadata; they never change the content hash.
     """
     directory.mkdir(parents=True, exist_ok=True)
     path = owned_temporary(directory, "spool", ".arrows")
@@ -62,7 +66,7 @@ def spool(
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return Spool(path, schema, digest.hexdigest(), rows, dict(lineage or {}))
+    return Spool(path, schema, digest.hexdigest(), rows, dict(lineage or {}), tuple(dict.fromkeys(notes)))
 
 
 def table_sha256(table: pa.Table) -> str:

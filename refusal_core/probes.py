@@ -156,7 +156,8 @@ def probe_training_set(behaviour: pa.Table, exclude: set[str]) -> dict[str, bool
 def probe_inputs(prompts: pa.Table, saes: Mapping[int, LoadedSae], feature_sets: pa.Table,
                  category_directions: pa.Table) -> dict[str, ProbeInput]:
     """The probes other than the dense residual: the refusal features and random latents (mean over the post-instruction
-    tokens) and the projections on the refusal and harmfulness directions (at their own place)."""
+    tokens) and the projections on the refusal and harmfulness directions (at their own place). Without SAEs (an empty
+    `feature_sets`) only the direction probes are there."""
     def latents(name: str) -> ProbeInput:
         members = refusal_members(feature_sets, name)
         return ProbeInput(lambda table: feature_activations(table, prompts, saes, members), len(members), None)
@@ -165,8 +166,8 @@ def probe_inputs(prompts: pa.Table, saes: Mapping[int, LoadedSae], feature_sets:
         row = direction_row(category_directions, name)
         return ProbeInput(lambda table: _column(projections(table, row)), 1, row["layer_index"])
 
-    return {"refusal_features": latents("cossim_ap"), "random_latents": latents("random"),
-            "refusal_direction": direction("refusal"), "harmfulness_direction": direction("harmfulness")}
+    sets = {"refusal_features": latents("cossim_ap"), "random_latents": latents("random")} if feature_sets.num_rows else {}
+    return {**sets, "refusal_direction": direction("refusal"), "harmfulness_direction": direction("harmfulness")}
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ def projections(activations: pa.Table, direction: dict) -> dict[str, float]:
 def feature_activations(activations: pa.Table, prompts: pa.Table, saes: dict[int, LoadedSae],
                         members: list[tuple[int, int]]) -> tuple[list[str], np.ndarray]:
     """(prompt ids in id order, [n, len(members)]): each (layer, latent) averaged over the post-instruction tokens."""
+    if not members:  # a study without SAEs: every prompt, no column
+        ids = sorted(set(activations["prompt_id"].to_pylist()))
+        return ids, np.zeros((len(ids), 0))
     layers = sorted({layer for layer, _ in members})
     rows, _, latents = latent_activations(activations, prompts, {layer: saes[layer] for layer in layers})
     columns = [latents[layer][:, :, latent].mean(dim=1).double().numpy() for layer, latent in members]

@@ -359,8 +359,15 @@ def neuronpedia_url(release: str, sae_id: str, latent: int) -> str | None:
     return f"https://www.neuronpedia.org/{neuronpedia_id}/{latent}" if neuronpedia_id else None
 
 
+def no_saes_note(study_key: str) -> str:
+    """The note of every step built on SAE latents, in a study that has none."""
+    return (f"Study {study_key} has no SAEs (its registry entry names none), so there are no SAE latents to attribute, "
+            "gather into feature sets, clamp or probe: the tables built on them are empty.")
+
+
 def study_saes(loaded: LoadedModel, saes_table: pa.Table) -> dict[int, LoadedSae]:
-    """The SAEs a stored `saes` table was made with, by layer, checked against the weights hash it recorded."""
+    """The SAEs a stored `saes` table was made with, by layer, checked against the weights hash it recorded; empty
+    for a study without SAEs (see `no_saes_note`)."""
     spec = loaded.study.saes
     result = {}
     for row in saes_table.to_pylist():
@@ -374,8 +381,6 @@ def study_saes(loaded: LoadedModel, saes_table: pa.Table) -> dict[int, LoadedSae
             raise ValueError(f"The SAE for layer {row['layer_index']} at {row['sae_source']} is not the one the saes table "
                              "was made with; re-materialize the saes asset.")
         result[item.layer] = item
-    if not result:
-        raise ValueError(f"Study {loaded.study.key} has no SAEs; set [studies.\"{loaded.study.key}\".saes] in the registry.")
     return result
 
 

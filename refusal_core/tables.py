@@ -349,6 +349,8 @@ def activations_schema(d_model: int) -> pa.Schema:
 
 SCHEMA_VERSION_KEY = "refusal_sae.schema_version"
 """Parquet key-value metadata key holding the schema version a file was written with (absent: version 1)."""
+NOTES_KEY = "refusal_sae.notes"
+"""Parquet key-value metadata key holding a JSON list of the notes of the step that wrote the file (absent: none)."""
 
 
 @dataclass(frozen=True)

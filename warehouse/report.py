@@ -15,14 +15,20 @@ _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
           "th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}")
 
 
-def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[dict]], lineage: list[str]) -> str:
-    """The report page: figures inlined as PNG data, tables as HTML tables, the lineage as text."""
+def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[dict]], lineage: list[str],
+                  notes: dict[str, list[str]] | None = None) -> str:
+    """The report page: the steps' notes (note -> the tables that carry it), figures inlined as PNG data, tables as
+    HTML tables, the lineage as text."""
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>refusal-sae report: {html.escape(study)}</title>",
         f"<style>{_STYLE}</style>",
         f"</head><body><h1>Refusal study: {html.escape(study)}</h1>",
     ]
+    if notes:
+        parts.append("<h2 id='notes'>Notes</h2><ul>" + "".join(
+            f"<li>{html.escape(note)} <em>({html.escape(', '.join(where))})</em></li>" for note, where in notes.items())
+            + "</ul>")
     for name, path in figures.items():
         encoded = base64.b64encode(path.read_bytes()).decode()
         parts.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{encoded}'>"

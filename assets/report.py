@@ -20,7 +20,7 @@ LINEAGE_SHOWN = ("intervention_effects", "feature_effects", "jailbreak_summary",
 """Result tables whose lineage the report prints, each back to the weights."""
 
 
-@study_asset(group_name="report", kinds={"html"}, deps=["figures", "latent_guard"])
+@study_asset(group_name="report", kinds={"html"}, deps=["figures", "latent_guard", "judge_validation"])
 def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
     """A static HTML page with the study's figures, main tables and the lineage of its results, and the overview page of every study."""
     key = context.partition_key

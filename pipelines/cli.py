@@ -1,4 +1,4 @@
-"""The `refusal-sae` command: run a study, list studies, query the warehouse."""
+"""The `refusal-sae` command: run a study, list studies, generate or judge answers, query the warehouse."""
 
 from __future__ import annotations
 
@@ -36,6 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-new-tokens", type=int, help="Default: the study's setting.")
     gen.add_argument("--dtype", **DTYPE_ARGUMENT)
     gen.add_argument("--out", type=Path, required=True, help="Parquet file to write the judged rows to.")
+    judge = commands.add_parser("judge", help="Judge answers in a .csv, .jsonl or .parquet file with the judges that read answers.")
+    judge.add_argument("--in", dest="input", type=Path, required=True, help=".csv (with a header), .jsonl or .parquet file of answers.")
+    judge.add_argument("--prompt-column", required=True, help="Column holding the request each answer responds to.")
+    judge.add_argument("--answer-column", required=True, help="Column holding the answers.")
+    judge.add_argument("--study", help="Registry key whose classifier judge (if it names one) judges too; "
+                                       "left out, only the substring judge runs and no registry is read.")
+    judge.add_argument("--out", type=Path, required=True, help="Parquet file to write the verdicts to.")
     sql = commands.add_parser("sql", help="Run a read-only SQL query over the warehouse views.")
     sql.add_argument("query")
     sql.add_argument("--out", type=Path, help="Write the result to a .csv or .parquet file instead of printing it.")
@@ -48,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"run": _run, "studies": _studies, "sql": _sql, "generate": _generate,
-                "query": _query, "lineage": _lineage}[args.command](args)
+                "judge": _judge, "query": _query, "lineage": _lineage}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, duckdb.Error) as error:
         print(f"refusal-sae: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -193,6 +200,28 @@ def _generate(args: argparse.Namespace) -> int:
                                                                 "refusal_sae.model_sha256": loaded.weights_sha256})
     refused = sum(table["refused_substring"].to_pylist())
     print(f"Wrote {table.num_rows} judged answers to {args.out} ({refused} refused by substring).")
+    return 0
+
+
+def _judge(args: argparse.Namespace) -> int:
+    from refusal_core.judges import ClassifierJudge, judge_answers, read_answer_file
+    from refusal_core.parquet import write_parquet
+    from refusal_core.tables import JUDGED_ANSWERS
+
+    if args.out.suffix != ".parquet":
+        raise ValueError(f"--out must name a .parquet file, not {args.out.name}.")
+    prompts, answers = read_answer_file(args.input, args.prompt_column, args.answer_column)
+    classifier = None
+    if args.study:
+        from refusal_core.registry import load_registry
+
+        spec = load_registry(paths.registry_path()).get(args.study).settings.classifier_judge
+        classifier = ClassifierJudge(spec, paths.cache_dir() / "judges" / "cli.json") if spec else None
+    table = judge_answers(prompts, answers, classifier)
+    write_parquet(args.out, JUDGED_ANSWERS, table.to_batches(), {"refusal_sae.answers_file": str(args.input)})
+    refused = sum(table["refused_substring"].to_pylist())
+    judges = "substring and classifier" if classifier else "substring"
+    print(f"Wrote {args.out}: {table.num_rows} answer(s) judged by {judges}, {refused} refused by substring.")
     return 0
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -119,6 +119,26 @@ def bootstrap_interval(values: Sequence[float], n_resamples: int = 2000, seed: i
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def paired_bootstrap_interval(statistic: Callable[[np.ndarray, np.ndarray], float], first: Sequence, second: Sequence,
+                              n_resamples: int = 2000, seed: int = 0, max_undefined: float = 0.05) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of `statistic(first, second)`, resampling the pairs (rows) together.
+
+    A resample where the statistic is undefined (not finite, e.g. kappa when both raters give one verdict
+    throughout) is left out; when more than `max_undefined` of them are, the interval is (nan, nan).
+    """
+    first, second = np.asarray(first), np.asarray(second)
+    if first.size == 0 or first.shape != second.shape:
+        raise ValueError(f"Cannot bootstrap over {first.size} and {second.size} rows: give two equal, non-empty arrays.")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, first.size, size=(n_resamples, first.size))
+    values = np.array([statistic(first[pick], second[pick]) for pick in picks], dtype=np.float64)
+    defined = values[np.isfinite(values)]
+    if defined.size < (1 - max_undefined) * n_resamples:
+        return float("nan"), float("nan")
+    low, high = np.percentile(defined, [2.5, 97.5])
     return float(low), float(high)
 
 

@@ -71,6 +71,15 @@ GENERATIONS = pa.schema(
     ]
 )
 
+JUDGED_ANSWERS = pa.schema(
+    [
+        _field("row", pa.int64(), "Row of the input file, from 0."),
+        _field("prompt", pa.string(), "The request answered (the input's prompt column)."),
+        *(GENERATIONS.field(name) for name in ("completion", "refused_substring", "refused_classifier", "judges_disagree")),
+    ]
+)
+"""What `refusal-sae judge` writes: any answers, judged by the judges that read the answer (not a warehouse table)."""
+
 PROMPT_BEHAVIOUR = pa.schema(
     [
         MODEL_KEY,
@@ -322,6 +331,34 @@ EFFECTS = pa.schema(
     ]
 )
 
+def _interval(name: str, what: str) -> list[pa.Field]:
+    return [_field(f"{name}_low", pa.float64(), f"95% interval of the {what}, lower end; null when undefined.", True),
+            _field(f"{name}_high", pa.float64(), f"95% interval of the {what}, upper end; null when undefined.", True)]
+
+
+JUDGE_VALIDATION = pa.schema(
+    [
+        MODEL_KEY,
+        _field("judge", pa.string(), "The judge checked: substring, classifier or refusal_score."),
+        _field("reference", pa.string(),
+               "What it is checked against: human (PyRIT's human-labelled refusal answers) or substring (the substring "
+               "judge's verdicts on the study's own baseline answers)."),
+        _field("part", pa.string(), "tune or report (the human labels, split by a hash of each row; judging rules are "
+               "tuned on tune only), or the eval set of the baseline answers."),
+        _field("n", pa.int32(), "Answers compared."),
+        _field("n_refused_reference", pa.int32(), "Answers the reference calls refusals."),
+        _field("n_refused_judge", pa.int32(), "Answers the judge calls refusals."),
+        _field("accuracy", pa.float64(), "Share of answers where judge and reference agree."),
+        *_interval("accuracy", "accuracy (Wilson)"),
+        _field("precision", pa.float64(), "Share of the judge's refusals the reference calls refusals; null when the judge calls none.", True),
+        *_interval("precision", "precision (Wilson)"),
+        _field("recall", pa.float64(), "Share of the reference's refusals the judge calls refusals; null when the reference calls none.", True),
+        *_interval("recall", "recall (Wilson)"),
+        _field("kappa", pa.float64(), "Cohen's kappa of judge and reference; null when both give one verdict throughout.", True),
+        *_interval("kappa", "kappa (percentile bootstrap over answers, seeded)"),
+    ]
+)
+
 LINEAGE = pa.schema(
     [
         _field("artifact", pa.string(), "Asset (table) name."),
@@ -371,7 +408,7 @@ class Table:
     description: str
     """What one row is, in one line."""
     needs_model: bool
-    """Making the table loads the study's model."""
+    """Making the table loads a model (the study's, or its classifier judge when it names one): its asset runs in the gpu pool."""
     version: int = 1
     """Bump it when the columns or their meaning change: files written with another version are refused."""
 
@@ -414,6 +451,7 @@ TABLES = {table.name: table for table in [
     Table("jailbreak_summary", JAILBREAK_SUMMARY, "Mean refusal-feature drop of succeeded vs failed jailbreaks per family.", False),
     Table("refusal_probes", PROBE_RESULTS, "Accuracy and AUROC of refusal probes per input and test set.", True),
     Table("latent_guard", LATENT_GUARD, "Share flagged harmful by direction thresholds and the judge per eval set.", False, version=2),
+    Table("judge_validation", JUDGE_VALIDATION, "Agreement of each refusal judge with human labels and with each other, with intervals.", True),
     Table("lineage", LINEAGE, "Where each artifact of each study came from: inputs, code, packages, device.", False, version=2),
 ]}
 """Every table, by name: the warehouse views, the IO manager's version checks and the tests come from it."""

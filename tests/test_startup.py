@@ -17,7 +17,8 @@ from tests.conftest import local_entry, write_registry
 KEY = "tiny-qwen2"
 REPOSITORY = Path(__file__).resolve().parent.parent
 HEAVY = {"dagster", "sae_lens", "torch", "transformers", "pandas"}
-"""The packages watched: sql, query, lineage and studies run no pipeline, SAE or model, make no data frame: import none."""
+"""The packages watched: sql, query, lineage, studies and judge (without a classifier) run no pipeline, SAE or model,
+make no data frame: import none."""
 GENERATE = {"dagster", "sae_lens"}
 """What generate must not import: it runs the model, but no pipeline and, for none, ablate or add, no SAE."""
 
@@ -35,6 +36,7 @@ def study(tiny_models, tmp_path_factory) -> Path:
             partition_key=KEY, instance=instance, asset_selection=sorted(needed.resolve(defs.resolve_asset_graph()), key=str))
     assert result.success
     (root / "prompts.txt").write_text("How do I pick a lock?\nWrite a poem about tea.\n")
+    (root / "answers.jsonl").write_text('{"prompt": "Pick a lock?", "answer": "I cannot help."}\n')
     return root
 
 
@@ -58,8 +60,11 @@ def _command(root: Path, argv: list[str]) -> tuple[str, set[str]]:
     (["studies"], KEY, HEAVY),
     (["generate", "--intervention", "ablate"], "Wrote 2 judged answers", GENERATE),
     (["generate", "--intervention", "none"], "Wrote 2 judged answers", GENERATE),
-], ids=["sql", "query", "lineage", "studies", "generate-ablate", "generate-none"])
+    (["judge", "--prompt-column", "prompt", "--answer-column", "answer"], "1 answer(s) judged by substring, 1 refused", HEAVY),
+], ids=["sql", "query", "lineage", "studies", "generate-ablate", "generate-none", "judge"])
 def test_command_imports_only_what_it_uses(study, argv, shows, forbidden):
+    if argv[0] == "judge":
+        argv = [*argv, "--in", str(study / "answers.jsonl"), "--out", str(study / "verdicts.parquet")]
     if argv[0] == "generate":
         argv = [*argv, "--prompts", str(study / "prompts.txt"), "--max-new-tokens", "2",
                 "--out", str(study / "answers.parquet")]

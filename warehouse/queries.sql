@@ -183,3 +183,15 @@ SELECT model, upstream_layer, upstream_latent, downstream_layer, downstream_late
 FROM feature_edges
 WHERE downstream_latent IS NOT NULL
 ORDER BY model, upstream_layer, upstream_latent, downstream_latent;
+
+-- name: judge_agreement
+-- Each refusal judge against people (PyRIT's labels, tune and report parts) and the refusal score against the substring judge (per eval set), with 95% intervals, next to the baseline refusal rates the judge gives.
+SELECT v.model, v.judge, v.reference, v.part, v.n,
+       CASE WHEN v.kappa IS NOT NULL THEN printf('%.2f [%.2f, %.2f]', v.kappa, v.kappa_low, v.kappa_high) END AS kappa,
+       printf('%.2f [%.2f, %.2f]', v.accuracy, v.accuracy_low, v.accuracy_high) AS accuracy,
+       any_value(CASE WHEN e.eval_set = 'harmful' THEN printf('%.2f [%.2f, %.2f] of %d', e.refusal_rate, e.ci_low, e.ci_high, e.n_prompts) END) AS harmful_refusal_rate,
+       any_value(CASE WHEN e.eval_set = 'harmless' THEN printf('%.2f [%.2f, %.2f] of %d', e.refusal_rate, e.ci_low, e.ci_high, e.n_prompts) END) AS harmless_refusal_rate
+FROM judge_validation v
+LEFT JOIN (SELECT * FROM intervention_effects WHERE intervention_kind = 'none') e ON e.model = v.model AND e.judge = v.judge
+GROUP BY ALL
+ORDER BY v.model, v.reference, v.judge, v.part;

@@ -118,7 +118,8 @@ def _check_report(path, key, graph):
     page.feed(path.read_text())
     assert {"refusal_by_intervention", "direction_selection", "category_cosines", "feature_clamping", "attribution_by_layer",
             "table-main_table", "table-feature_table", "table-feature_cards", "lineage", "probe_comparison",
-            "jailbreak_drop", "table-jailbreak_summary", "table-probe_comparison", "table-latent_guard"} <= page.ids
+            "jailbreak_drop", "table-jailbreak_summary", "table-probe_comparison", "table-latent_guard",
+            "table-judge_agreement"} <= page.ids
     assert ("feature_graph" in page.ids) == graph and page.images == 8 + graph
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
@@ -156,6 +157,12 @@ def _check_direction_tables(warehouse, key):
         assert (row["kl"] is not None) == (row["eval_set"] == "harmless")
         assert (row["cross_entropy_change"] is not None) == (row["eval_set"] == "harmless")
     assert all(r["kl"] == 0.0 for r in effects if r["intervention_kind"] == "none" and r["eval_set"] == "harmless")
+    validation = {(r["judge"], r["reference"], r["part"]): r for r in read("judge_validation").to_pylist()}
+    assert set(validation) == {("substring", "human", "tune"), ("substring", "human", "report"),
+                               *(("refusal_score", "substring", label) for label in ("harmful", "harmless", "over_refusal"))}
+    assert validation["substring", "human", "tune"]["n"] + validation["substring", "human", "report"]["n"] == 169
+    assert all(r["n"] == 3 and r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
+               for (judge, _, _), r in validation.items() if judge == "refusal_score")
 
 
 def test_overview_page_compares_every_study_in_the_warehouse(tiny_registry, warehouse):

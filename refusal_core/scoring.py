@@ -92,18 +92,15 @@ def completion_cross_entropy(
         texts = [p + c for p, c in zip(prompts[start:start + batch_size], completions[start:start + batch_size])]
         n_prompt = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts[start:start + batch_size]]
         inputs = tokenize_batch(tokenizer, texts, device)
+        # Left padding: each row's completion is its last (length - n_prompt) tokens, so the LM head runs only on
+        # the last positions, those that predict a completion token.
+        n_completion = [int(length) - n for length, n in zip(inputs["attention_mask"].sum(dim=1), n_prompt)]
+        keep = max(max(n_completion), 0) + 1
         with torch.inference_mode(), intervene(model, intervention):
-            logits = model(**inputs, use_cache=False).logits.float()  # [b, seq, vocab]
-        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = inputs["input_ids"][:, 1:]  # [b, seq-1]
-        token_loss = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, seq-1]
-        lengths = inputs["attention_mask"].sum(dim=1)  # real tokens per row
-        seq = inputs["input_ids"].shape[1]
-        for row in range(len(texts)):
-            # Left padding: the completion's tokens are the last (length - n_prompt) tokens of the row.
-            n_completion = int(lengths[row]) - n_prompt[row]
-            if n_completion <= 0:
-                losses.append(torch.tensor(float("nan")))
-                continue
-            losses.append(token_loss[row, seq - 1 - n_completion:].mean().cpu())
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # [b, keep, vocab]
+        targets = inputs["input_ids"][:, inputs["input_ids"].shape[1] - keep + 1:]  # [b, keep - 1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), targets, reduction="none")  # [b, keep - 1]
+        for row, n in enumerate(n_completion):
+            losses.append(token_loss[row, keep - 1 - n:].mean().cpu() if n > 0 else torch.tensor(float("nan")))
     return torch.stack(losses)

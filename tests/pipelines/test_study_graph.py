@@ -208,7 +208,8 @@ def _check_feature_tables(warehouse, key):
     assert {r["intervention_name"] for r in generated if r["feature_set"] == "cossim_ap"} == {"clamp cossim_ap ×-1", "induce cossim_ap"}
     edges = read("feature_edges").to_pylist()
     upstream = {(r["upstream_layer"], r["upstream_latent"]) for r in edges if r["in_upstream_set"]}
-    assert upstream or key != "tiny-qwen2", "the tiny qwen2 study's clamping finds an upstream latent"
+    # Whether a random tiny model has an upstream latent is chance; finding a planted one and clamping it are tested
+    # in tests/core/test_edges.py and test_study_interventions.py. Here both branches are checked for consistency.
     clamped = (*names, "upstream") if upstream else names  # an empty upstream set is not clamped
     assert kinds == {("clamp", name, "harmful") for name in clamped} | {("induce", "cossim_ap", "harmless"),
                                                                        ("induce", "random", "harmless")}

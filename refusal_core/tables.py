@@ -331,6 +331,34 @@ EFFECTS = pa.schema(
     ]
 )
 
+CAPABILITY = pa.schema(
+    [
+        MODEL_KEY,
+        _field("benchmark", pa.string(), "arc_challenge (test split) or mmlu (test split, the same number of questions "
+               "from each subject), 0-shot multiple choice read from the answer letter's log-probability."),
+        *INTERVENTION_FIELDS,
+        _field("n_questions", pa.int32(), "Questions asked (a fixed subset, chosen by a hash of each question's text)."),
+        _field("n_correct", pa.int32(), "Questions whose most likely choice letter at the first answer token is the correct one."),
+        _field("accuracy", pa.float64(), "n_correct / n_questions."),
+        _field("ci_low", pa.float64(), "Wilson score 95% interval of the accuracy, lower end."),
+        _field("ci_high", pa.float64(), "Wilson score 95% interval of the accuracy, upper end."),
+        _field("mean_letter_probability", pa.float64(), "Mean probability the model puts on the question's choice letters "
+               "together at the first answer token (low: it starts its answer some other way, e.g. with a refusal)."),
+        _field("n_paired", pa.int32(), "Questions answered both under the intervention and at baseline; null on the "
+               "baseline's own rows.", True),
+        _field("baseline_accuracy", pa.float64(), "Accuracy at baseline over the paired questions; null on the baseline's own rows.", True),
+        _field("difference", pa.float64(), "accuracy - baseline_accuracy over the paired questions; null on the baseline's own rows.", True),
+        _field("difference_ci_low", pa.float64(),
+               "Paired 95% interval of the difference (Newcombe 1998 hybrid score, method 10), lower end.", True),
+        _field("difference_ci_high", pa.float64(), "Paired 95% interval of the difference, upper end.", True),
+        _field("harmless_kl", pa.float64(), "Mean KL(baseline || intervened) at the first answer token of the harmless "
+               "eval prompts (the same on every benchmark's row of the intervention).", True),
+        _field("harmless_cross_entropy_change", pa.float64(), "Mean change in cross-entropy (nats/token) of the baseline's "
+               "own answers to the harmless eval prompts under the intervention; null when none had a token to score.", True),
+    ]
+)
+
+
 def _interval(name: str, what: str) -> list[pa.Field]:
     return [_field(f"{name}_low", pa.float64(), f"95% interval of the {what}, lower end; null when undefined.", True),
             _field(f"{name}_high", pa.float64(), f"95% interval of the {what}, upper end; null when undefined.", True)]
@@ -451,6 +479,8 @@ TABLES = {table.name: table for table in [
     Table("jailbreak_summary", JAILBREAK_SUMMARY, "Mean refusal-feature drop of succeeded vs failed jailbreaks per family.", False),
     Table("refusal_probes", PROBE_RESULTS, "Accuracy and AUROC of refusal probes per input and test set.", True),
     Table("latent_guard", LATENT_GUARD, "Share flagged harmful by direction thresholds and the judge per eval set.", False, version=2),
+    Table("capability", CAPABILITY, "ARC-Challenge and MMLU accuracy (Wilson intervals, paired differences from the "
+          "baseline) and the cost on harmless answers under each intervention.", True),
     Table("judge_validation", JUDGE_VALIDATION, "Agreement of each refusal judge with human labels and with each other, with intervals.", True),
     Table("lineage", LINEAGE, "Where each artifact of each study came from: inputs, code, packages, device.", False, version=2),
 ]}

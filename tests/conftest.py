@@ -66,6 +66,8 @@ probe_seeds = 5
 upstream_candidates = 3
 edge_prompts = 3
 upstream_set_size = 2
+capability_arc_questions = 4
+capability_mmlu_per_subject = 1
 """
 
 

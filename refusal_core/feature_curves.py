@@ -58,7 +58,7 @@ class FeatureCountCurve:
         return pa.Table.from_pylist(self.rows, schema=FEATURE_COUNT_CURVE)
 
 
-def feature_count_curve(loaded: LoadedModel, saes: Mapping[int, LoadedSae], feature_sets: pa.Table, harmful: pa.Table,
+def measure_feature_count_curve(loaded: LoadedModel, saes: Mapping[int, LoadedSae], feature_sets: pa.Table, harmful: pa.Table,
                         baseline_generations: pa.Table, feature_generations: pa.Table, clamp_multiplier: float,
                         skip_first: int, classifier: ClassifierJudge | None = None, sizes: Sequence[int] = CURVE_SIZES,
                         judged_sizes: Sequence[int] = JUDGED_SIZES, log: Callable[[str], None] = print,

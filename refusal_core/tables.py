@@ -316,8 +316,9 @@ EFFECTS = pa.schema(
         _field("judge", pa.string(), "substring, refusal_score or classifier."),
         _field("n_prompts", pa.int32(), "Prompts judged."),
         _field("refusal_rate", pa.float64(), "Share of prompts judged refused."),
-        _field("ci_low", pa.float64(), "Wilson score 95% interval of the refusal rate, lower end."),
-        _field("ci_high", pa.float64(), "Wilson score 95% interval of the refusal rate, upper end."),
+        _field("ci_low", pa.float64(), "Wilson score 95% interval of the refusal rate, lower end (a mean over random "
+               "draws: t interval across the draws)."),
+        _field("ci_high", pa.float64(), "Wilson score 95% interval of the refusal rate, upper end (likewise)."),
         _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position."),
         _field("kl", pa.float64(), "Mean KL(baseline || intervened) at the first answer token.", True),
         _field("cross_entropy_change", pa.float64(),
@@ -328,7 +329,8 @@ EFFECTS = pa.schema(
                "Refusal rate at baseline (no intervention) by the same judge over the paired prompts; null on the baseline's own rows.", True),
         _field("difference", pa.float64(), "refusal_rate - baseline_refusal_rate over the paired prompts; null on the baseline's own rows.", True),
         _field("difference_ci_low", pa.float64(),
-               "Paired 95% interval of the difference (Newcombe 1998 hybrid score, method 10), lower end.", True),
+               "Paired 95% interval of the difference (Newcombe 1998 hybrid score, method 10; a mean over random draws: t "
+               "interval across the draws), lower end.", True),
         _field("difference_ci_high", pa.float64(), "Paired 95% interval of the difference, upper end.", True),
     ]
 )
@@ -484,7 +486,8 @@ TABLES = {table.name: table for table in [
           version=2),
     Table("feature_cards", FEATURE_CARDS, "Each selected latent's scores, sets, top prompts and Neuronpedia page.", True),
     Table("feature_generations", GENERATIONS, "Judged answers with each feature set clamped or induced.", True, version=2),
-    Table("feature_effects", EFFECTS, "Refusal rates (Wilson intervals) and paired differences from the baseline per feature-set intervention.", False, version=3),
+    Table("feature_effects", EFFECTS, "Refusal rates (Wilson intervals) and paired differences from the baseline per "
+          "feature-set intervention; random also as the mean over its draws (t intervals).", False, version=4),
     Table("feature_count_curve", FEATURE_COUNT_CURVE, "Refusal on HarmBench test prompts with the top k latents of "
           "each ranking clamped, per k, ranking (random: per draw and their mean) and judge.", True),
     Table("feature_count_summary", FEATURE_COUNT_SUMMARY, "Fewest latents of each ranking that halve the baseline "

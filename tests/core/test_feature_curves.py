@@ -4,7 +4,7 @@ import torch
 
 from refusal_core.chat import format_prompt, instruction_offset
 from refusal_core.evaluation import judged_generations
-from refusal_core.feature_curves import Point, curve_rows, curve_summary, feature_count_curve
+from refusal_core.feature_curves import Point, curve_rows, curve_summary, measure_feature_count_curve
 from refusal_core.interventions import describe
 from refusal_core.models import LoadedModel
 from refusal_core.registry import load_registry
@@ -69,7 +69,7 @@ def test_the_curve_of_a_planted_ranking_halves_refusal_at_two_latents_and_random
                                   refusal_ids, whole, 3, 4)
     answered = answered.set_column(answered.schema.get_field_index("refused_substring"), "refused_substring",
                                    pa.array([True] * 5))
-    curve = feature_count_curve(loaded, saes, sets, harmful, baseline, answered, 1.0, skip, sizes=(1, 2, 3, 5),
+    curve = measure_feature_count_curve(loaded, saes, sets, harmful, baseline, answered, 1.0, skip, sizes=(1, 2, 3, 5),
                                 judged_sizes=(2, 5), progress=False)
     rows = curve.rows
     scored = {(r["feature_set"], r["seed"], r["n_latents"]): r for r in rows if r["judge"] == "refusal_score"}

@@ -197,8 +197,8 @@ def _check_feature_tables(warehouse, key):
     names = ("cossim_ap", "cosine", "activation_difference", "attribution", "random")
     assert {name: sum(r["feature_set"] == name for r in sets) for name in names} == {**dict.fromkeys(names, 3), "random": 15}
     assert sorted({r["seed"] for r in sets if r["feature_set"] == "random"}) == [0, 1, 2, 3, 4]
-    cossim = {r["latent_index"] for r in sets if r["feature_set"] == "cossim_ap"}
-    assert not cossim & {r["latent_index"] for r in sets if r["feature_set"] == "random"}
+    cossim = {(r["layer_index"], r["latent_index"]) for r in sets if r["feature_set"] == "cossim_ap"}
+    assert not cossim & {(r["layer_index"], r["latent_index"]) for r in sets if r["feature_set"] == "random"}
     ranked = sorted((r for r in overall if r["combined_rank"] is not None), key=lambda r: r["combined_rank"])
     assert [r["latent_index"] for r in ranked[:3]] == [r["latent_index"] for r in sets if r["feature_set"] == "cossim_ap"]
     cards = read("feature_cards").to_pylist()

@@ -8,7 +8,7 @@ from pipelines.metadata import content_sha256, model_lineage, upstream_lineage, 
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.chat import instruction_offset
-from refusal_core.evaluation import effect_rows
+from refusal_core.evaluation import draw_mean_rows, effect_rows
 from refusal_core.prompts import eval_prompts
 from refusal_core.saes import no_saes_note, study_saes
 from refusal_core.study_interventions import INDUCED_SETS, feature_interventions, judged_interventions
@@ -40,12 +40,14 @@ def feature_generations(context: dg.AssetExecutionContext, study: StudyResource,
 @study_asset(group_name="features", kinds={"parquet"})
 def feature_effects(context: dg.AssetExecutionContext, study: StudyResource, baseline_generations: pa.Table,
                     feature_generations: pa.Table) -> dg.Output[Spool]:
-    """Refusal rate by each judge with Wilson 95% intervals and its paired difference from the baseline, per eval set x feature-set intervention (query feature_table sets them beside direction ablation)."""
+    """Refusal rate by each judge with Wilson 95% intervals and its paired difference from the baseline, per eval set x feature-set intervention, and for random the mean over its draws with a t interval across them (query feature_table sets them beside direction ablation)."""
     key = context.partition_key
     rows = effect_rows(key, feature_generations.to_pylist(), baseline_generations.to_pylist())
+    rows += draw_mean_rows(rows)
     table = pa.Table.from_pylist(rows, schema=EFFECTS)
     lineage = {**upstream_lineage(baseline_generations=baseline_generations, feature_generations=feature_generations),
-               "settings": to_json({"interval": "wilson", "paired_interval": "newcombe"})}
+               "settings": to_json({"interval": "wilson", "paired_interval": "newcombe",
+                                    "random_draws": "mean with a t interval across draws"})}
     staged = spool([table], EFFECTS, study.staging_dir, lineage, noted(context, *upstream_notes(feature_generations)))
     summary = {f"{r['eval_set']}/{r['intervention_name']}": round(r["refusal_rate"], 3)
                for r in rows if r["judge"] == "substring"}

@@ -53,14 +53,15 @@ def latent_attributions(context: dg.AssetExecutionContext, study: StudyResource,
 @study_asset(group_name="features", pool="gpu", kinds={"parquet", "pytorch"})
 def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, activations: pa.Table,
                  refusal_directions: pa.Table, saes: pa.Table, latent_attributions: pa.Table) -> dg.Output[Spool]:
-    """Feature sets of equal size: CosSim+AP (the paper's), cosine only, activation difference, attribution only, and random latents from the same layers."""
+    """Feature sets of equal size: CosSim+AP (the paper's), cosine only, activation difference, attribution only, and seeded random draws of latents from the same layers."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations, saes=saes,
                                                            refusal_directions=refusal_directions,
                                                            latent_attributions=latent_attributions),
                "settings": to_json({"feature_set_size": settings.feature_set_size, "cosine_top_k": settings.cosine_top_k,
-                                    "induce_multiplier": settings.induce_multiplier, "seed": settings.seed})}
+                                    "induce_multiplier": settings.induce_multiplier, "seed": settings.seed,
+                                    "random_draws": settings.random_draws})}
     if saes.num_rows == 0:
         staged = spool([], FEATURE_SETS, study.staging_dir, lineage, noted(context, no_saes_note(loaded.study.key)))
         return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"cossim_ap": ""})
@@ -68,7 +69,8 @@ def feature_sets(context: dg.AssetExecutionContext, study: StudyResource, prompt
     rows, _, latents = latent_activations(activations, prompts, items)
     chosen = select_feature_sets(loaded.study.key, latent_attributions, {layer: item.sae for layer, item in items.items()},
                                  selected_direction(refusal_directions)[1], latents, [row["label"] for row in rows],
-                                 settings.feature_set_size, settings.induce_multiplier, settings.seed)
+                                 settings.feature_set_size, settings.induce_multiplier, settings.seed,
+                                 settings.random_draws)
     staged = spool([chosen.table()], FEATURE_SETS, study.staging_dir, lineage, noted(context, *chosen.notes))
     cossim_ap = chosen.members["cossim_ap"]
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={

@@ -16,7 +16,7 @@ from warehouse.figures import FIGURES, cross_study, save
 from warehouse.report import REPORT_TABLES, render_index, render_report
 
 
-LINEAGE_SHOWN = ("intervention_effects", "capability", "feature_effects", "jailbreak_summary", "refusal_probes", "latent_guard")
+LINEAGE_SHOWN = ("intervention_effects", "capability", "feature_effects", "feature_count_summary", "jailbreak_summary", "refusal_probes", "latent_guard")
 """Result tables whose lineage the report prints, each back to the weights."""
 
 

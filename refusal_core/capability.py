@@ -34,7 +34,8 @@ INSTRUCTION = "Answer with the letter only."
 """Ends every question, so that the answer letter is the model's next token."""
 
 CLAMPED_SETS = ("cossim_ap", "random")
-"""Feature sets whose clamping is measured: the method and its control (every `random*` set, if drawn several times)."""
+"""Feature sets whose clamping is measured: the method and its control (of several random draws, the first only:
+each costs a pass over every question)."""
 
 
 def multiple_choice_prompt(question: Question) -> str:
@@ -127,7 +128,8 @@ def capability_interventions(directions: Applied, features: Applied) -> dict[str
     chosen = {name: intervention for name, (intervention, _) in directions.items() if name in ("ablate", "add")}
     for name, (intervention, _) in features.items():
         kind, _, feature_set = name.partition(":")
-        if kind == "clamp" and any(feature_set.startswith(prefix) for prefix in CLAMPED_SETS):
+        family = feature_set.partition(":")[0]
+        if kind == "clamp" and family in CLAMPED_SETS and not any(n.startswith(f"clamp:{family}") for n in chosen):
             chosen[name] = intervention
     return chosen
 

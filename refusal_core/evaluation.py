@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -13,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refusal_core.activations import length_batches
 from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.generation import generate_scored
-from refusal_core.intervals import paired_difference, wilson_interval
+from refusal_core.intervals import mean_interval, paired_difference, wilson_interval
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.judges import ClassifierJudge, SubstringJudge
 from refusal_core.scoring import refusal_score
@@ -218,3 +221,37 @@ def effect_rows(model_key: str, generations: Sequence[Mapping], baseline: Sequen
                         "difference_ci_high": difference_high}
             rows.append(row)
     return rows
+
+
+def draw_mean_rows(rows: Sequence[Mapping]) -> list[dict]:
+    """EFFECTS rows for the mean over the seeded draws of a feature set (random), from the draws' own `rows`.
+
+    Rows of interventions with a seed in their parameters are grouped by eval set, kind, feature set and judge;
+    each group of at least 2 draws gives one row whose rate, refusal score, KL, cross-entropy change and
+    difference from the baseline are the means over the draws, each rate and difference with a 95% t interval
+    across the draws (one draw is not a control). Its name reads e.g. `clamp random (mean of 5 draws) ×-1`.
+    """
+    groups: dict[tuple, list[Mapping]] = {}
+    for row in rows:
+        if "seed" in json.loads(row["intervention_parameters"]):
+            groups.setdefault((row["eval_set"], row["intervention_kind"], row["feature_set"], row["judge"]), []).append(row)
+    means = []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        first, n = members[0], len(members)
+        identities = sorted(m["intervention_id"] for m in members)
+        rate, low, high = mean_interval([m["refusal_rate"] for m in members])
+        row = {**first, "intervention_id": f"{first['intervention_kind']}-mean-"
+                                           f"{hashlib.sha256(' '.join(identities).encode()).hexdigest()[:12]}",
+               "intervention_name": re.sub(r"\(seed \d+\)", f"(mean of {n} draws)", first["intervention_name"]),
+               "intervention_parameters": json.dumps({"mean_of": identities}, separators=(",", ":")),
+               "refusal_rate": rate, "ci_low": low, "ci_high": high,
+               "mean_refusal_score": float(np.mean([m["mean_refusal_score"] for m in members]))}
+        for column in ("kl", "cross_entropy_change", "baseline_refusal_rate"):
+            row[column] = None if first.get(column) is None else float(np.mean([m[column] for m in members]))
+        if first.get("difference") is not None:
+            row["difference"], row["difference_ci_low"], row["difference_ci_high"] = mean_interval(
+                [m["difference"] for m in members], low=-1.0, high=1.0)
+        means.append(row)
+    return means

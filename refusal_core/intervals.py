@@ -1,4 +1,4 @@
-"""95% intervals for rates (Wilson score) and for the difference of two rates over the same prompts (Newcombe)."""
+"""95% intervals for rates (Wilson score), for the difference of two rates over the same prompts (Newcombe) and for a mean across draws (t)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 from statsmodels.stats.proportion import proportion_confint
+from statsmodels.stats.weightstats import DescrStatsW
 
 
 def wilson_interval(count: int, n: int) -> tuple[float, float]:
@@ -54,3 +55,16 @@ def paired_difference(first: Sequence[bool], second: Sequence[bool]) -> tuple[fl
     low = difference - math.sqrt(max((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2, 0.0))
     high = difference + math.sqrt(max((u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2, 0.0))
     return difference, max(-1.0, low), min(1.0, high)
+
+
+def mean_interval(values: Sequence[float], low: float = 0.0, high: float = 1.0) -> tuple[float, float, float]:
+    """Mean of `values` (one per seeded draw, say) with its 95% Student t interval across them, clipped to [low, high].
+
+    The interval speaks of the spread between draws, not of the prompts within one: draws that all give
+    the same rate give an interval of no width. Returns (mean, low, high).
+    """
+    if len(values) < 2:
+        raise ValueError(f"A t interval needs at least 2 values; got {len(values)}.")
+    statistics = DescrStatsW([float(v) for v in values])
+    interval_low, interval_high = statistics.tconfint_mean(alpha=0.05)
+    return float(statistics.mean), max(low, float(interval_low)), min(high, float(interval_high))

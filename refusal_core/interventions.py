@@ -116,6 +116,8 @@ class Clamp:
     skip_first: int = 0
     feature_set: str = ""
     """Name of the feature set the latents come from."""
+    seed: int | None = None
+    """Seed of the random draw the latents are (None for a ranking)."""
 
     def __post_init__(self) -> None:
         if not self.targets:
@@ -131,10 +133,12 @@ class Clamp:
     @property
     def name(self) -> str:
         latents = self.feature_set or f"{sum(len(t.latents) for t in self.targets)} latents"
+        latents += "" if self.seed is None else f" (seed {self.seed})"
         return f"clamp {latents} ×{self.factor:g}" if self.factor is not None else f"induce {latents}"
 
     def parameters(self) -> dict:
-        return {"feature_set": self.feature_set, "factor": self.factor, "skip_first": self.skip_first,
+        seed = {} if self.seed is None else {"seed": self.seed}  # a ranking's id stays as it was
+        return {"feature_set": self.feature_set, **seed, "factor": self.factor, "skip_first": self.skip_first,
                 "layers": [{"layer": t.layer, "sae_sha256": t.sae_sha256[:16], "latents": list(t.latents),
                             "values": None if t.values is None else [round(v, 6) for v in t.values]}
                            for t in self.targets]}

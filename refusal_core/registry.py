@@ -134,6 +134,10 @@ class Settings(_Strict):
         "the CosSim+AP set ranks by attribution (the paper keeps 10 per layer over 26 layers)."
     )
     feature_set_size: int = Field(default=20, gt=0, description="Latents in each feature set.")
+    random_draws: int = Field(
+        default=5, ge=2, description="Seeded draws of the random feature set (seeds seed, seed + 1, ...), reported as "
+        "their mean with a t interval across draws: one draw is not a control."
+    )
     sequence_prompts: int = Field(
         default=16, gt=0, description="Test prompts per label (harmful, harmless, jailbreak) read along the sequence."
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,6 +11,7 @@ from refusal_core.chat import format_prompt
 from refusal_core.checkpoints import Checkpoints
 from refusal_core.directions import selected_direction
 from refusal_core.evaluation import judged_generations
+from refusal_core.features import feature_set_members
 from refusal_core.interventions import Ablate, Add, Clamp, Intervention, SaeLatents, describe
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel
@@ -37,31 +38,36 @@ def feature_interventions(saes: Mapping[int, LoadedSae], feature_sets: pa.Table,
                           clamp_multiplier: float, skip_first: int) -> Applied:
     """Every feature set clamped to -`clamp_multiplier` on harmful prompts; INDUCED_SETS set to their constants on harmless ones.
 
-    The upstream set (feature_edges' latents that lower the refusal features) is clamped too, alone.
+    Each random draw is a set of its own (`clamp:random:<seed>`). The upstream set (feature_edges' latents
+    that lower the refusal features) is clamped too, alone.
     """
-    sets: dict[str, list[dict]] = {}
-    for member in feature_sets.to_pylist():
-        sets.setdefault(member["feature_set"], []).append(member)
+    sets = feature_set_members(feature_sets)
     upstream = feature_edges.filter(feature_edges["in_upstream_set"])
     upstream = sorted(set(zip(upstream["upstream_layer"].to_pylist(), upstream["upstream_latent"].to_pylist())))
     if upstream:
-        sets["upstream"] = [{"layer_index": layer, "latent_index": latent} for layer, latent in upstream]
+        sets[("upstream", None)] = [{"layer_index": layer, "latent_index": latent} for layer, latent in upstream]
     result: Applied = {}
-    for name, members in sets.items():
-        by_layer: dict[int, list[dict]] = {}
-        for member in members:
-            by_layer.setdefault(member["layer_index"], []).append(member)
-
-        def targets(induce: bool) -> tuple[SaeLatents, ...]:
-            return tuple(SaeLatents(layer, saes[layer].sae, saes[layer].weights_sha256,
-                                    tuple(m["latent_index"] for m in layer_members),
-                                    tuple(m["induce_value"] for m in layer_members) if induce else None)
-                         for layer, layer_members in sorted(by_layer.items()))
-
-        result[f"clamp:{name}"] = (Clamp(targets(induce=False), -clamp_multiplier, skip_first, name), ("harmful",))
+    for (name, seed), members in sets.items():
+        suffix = "" if seed is None else f":{seed}"
+        result[f"clamp:{name}{suffix}"] = (feature_clamp(saes, members, name, -clamp_multiplier, skip_first, seed),
+                                           ("harmful",))
         if name in INDUCED_SETS:
-            result[f"induce:{name}"] = (Clamp(targets(induce=True), None, skip_first, name), ("harmless",))
+            result[f"induce:{name}{suffix}"] = (feature_clamp(saes, members, name, None, skip_first, seed), ("harmless",))
     return result
+
+
+def feature_clamp(saes: Mapping[int, LoadedSae], members: Sequence[Mapping], name: str, factor: float | None,
+                  skip_first: int, seed: int | None = None) -> Clamp:
+    """The latents of `members` (FEATURE_SETS rows: layer_index, latent_index, and induce_value when `factor` is None)
+    multiplied by `factor`, or set to their induce values when it is None; latents grouped by layer in members' order."""
+    by_layer: dict[int, list[Mapping]] = {}
+    for member in members:
+        by_layer.setdefault(member["layer_index"], []).append(member)
+    targets = tuple(SaeLatents(layer, saes[layer].sae, saes[layer].weights_sha256,
+                               tuple(m["latent_index"] for m in layer_members),
+                               None if factor is not None else tuple(m["induce_value"] for m in layer_members))
+                    for layer, layer_members in sorted(by_layer.items()))
+    return Clamp(targets, factor, skip_first, name, seed)
 
 
 def judged_interventions(loaded: LoadedModel, eval_set: pa.Table, applied: Applied, classifier: ClassifierJudge | None,

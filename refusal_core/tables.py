@@ -171,7 +171,9 @@ FEATURE_SETS = pa.schema(
     [
         MODEL_KEY,
         _field("feature_set", pa.string(), "cossim_ap, cosine, activation_difference, attribution or random."),
-        _field("rank", pa.int16(), "Rank in the set (1 = first chosen)."),
+        _field("seed", pa.int32(), "Seed of the random draw (random has several); null for the rankings.", True),
+        _field("rank", pa.int16(), "Rank in the set (1 = first chosen); a random draw's rank r stands in for CosSim+AP's "
+               "rank r, from the same layer."),
         *_LATENT[1:],
         *_LATENT_SCORES,
         _field("attribution", pa.float64(), "Mean attribution patching score; null when not computed for this latent.", True),
@@ -314,8 +316,9 @@ EFFECTS = pa.schema(
         _field("judge", pa.string(), "substring, refusal_score or classifier."),
         _field("n_prompts", pa.int32(), "Prompts judged."),
         _field("refusal_rate", pa.float64(), "Share of prompts judged refused."),
-        _field("ci_low", pa.float64(), "Wilson score 95% interval of the refusal rate, lower end."),
-        _field("ci_high", pa.float64(), "Wilson score 95% interval of the refusal rate, upper end."),
+        _field("ci_low", pa.float64(), "Wilson score 95% interval of the refusal rate, lower end (a mean over random "
+               "draws: t interval across the draws)."),
+        _field("ci_high", pa.float64(), "Wilson score 95% interval of the refusal rate, upper end (likewise)."),
         _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position."),
         _field("kl", pa.float64(), "Mean KL(baseline || intervened) at the first answer token.", True),
         _field("cross_entropy_change", pa.float64(),
@@ -326,7 +329,8 @@ EFFECTS = pa.schema(
                "Refusal rate at baseline (no intervention) by the same judge over the paired prompts; null on the baseline's own rows.", True),
         _field("difference", pa.float64(), "refusal_rate - baseline_refusal_rate over the paired prompts; null on the baseline's own rows.", True),
         _field("difference_ci_low", pa.float64(),
-               "Paired 95% interval of the difference (Newcombe 1998 hybrid score, method 10), lower end.", True),
+               "Paired 95% interval of the difference (Newcombe 1998 hybrid score, method 10; a mean over random draws: t "
+               "interval across the draws), lower end.", True),
         _field("difference_ci_high", pa.float64(), "Paired 95% interval of the difference, upper end.", True),
     ]
 )
@@ -355,6 +359,44 @@ CAPABILITY = pa.schema(
                "eval prompts (the same on every benchmark's row of the intervention).", True),
         _field("harmless_cross_entropy_change", pa.float64(), "Mean change in cross-entropy (nats/token) of the baseline's "
                "own answers to the harmless eval prompts under the intervention; null when none had a token to score.", True),
+    ]
+)
+
+FEATURE_COUNT_CURVE = pa.schema(
+    [
+        MODEL_KEY,
+        _field("feature_set", pa.string(), "The ranking whose top n_latents are clamped: cossim_ap, cosine, "
+               "activation_difference, attribution or random."),
+        _field("seed", pa.int32(), "Seed of the random draw; null for the rankings and for the mean over the draws.", True),
+        _field("n_latents", pa.int16(), "How many of the ranking's first latents are clamped (multiplied by -clamp_multiplier)."),
+        _field("judge", pa.string(), "refusal_score (refusal score > 0 at the first answer position, one forward pass "
+               "per prompt, at every n_latents) or substring / classifier (judged greedy answers, at a few n_latents)."),
+        _field("intervention_id", pa.string(), "Id of the clamp (as in the generation tables); null for the mean over draws.", True),
+        _field("n_prompts", pa.int32(), "HarmBench test prompts measured (the harmful eval set)."),
+        _field("n_draws", pa.int32(), "Random draws averaged: 1 for a ranking or one draw."),
+        _field("refusal_rate", pa.float64(), "Share of prompts refused; for the mean over draws, the mean of the draws' rates."),
+        _field("ci_low", pa.float64(), "95% interval, lower end: Wilson score over prompts, or for the mean over draws "
+               "a t interval across the draws."),
+        _field("ci_high", pa.float64(), "95% interval, upper end."),
+        _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position (for the mean over "
+               "draws, the mean of the draws' means)."),
+        _field("baseline_refusal_rate", pa.float64(), "Refusal rate by the same judge with nothing clamped, on the same prompts."),
+        _field("reaches_half", pa.bool_(), "refusal_rate <= baseline_refusal_rate / 2."),
+    ]
+)
+
+FEATURE_COUNT_SUMMARY = pa.schema(
+    [
+        MODEL_KEY,
+        _field("feature_set", pa.string(), "The ranking (random: the mean over its draws)."),
+        _field("judge", pa.string(), "refusal_score or substring / classifier, as in feature_count_curve."),
+        _field("n_prompts", pa.int32(), "HarmBench test prompts measured."),
+        _field("baseline_refusal_rate", pa.float64(), "Refusal rate with nothing clamped, by the same judge."),
+        _field("smallest_n_latents", pa.int16(), "Fewest latents whose clamping brings the refusal rate to half the "
+               "baseline or below; null when no measured count does.", True),
+        _field("refusal_rate_at_smallest", pa.float64(), "The refusal rate at smallest_n_latents; null when none.", True),
+        _field("largest_n_latents", pa.int16(), "The most latents measured for this ranking and judge."),
+        _field("refusal_rate_at_largest", pa.float64(), "The refusal rate at largest_n_latents."),
     ]
 )
 
@@ -467,10 +509,16 @@ TABLES = {table.name: table for table in [
     Table("intervention_generations", GENERATIONS, "Judged answers with the refusal direction ablated or added.", True, version=2),
     Table("intervention_effects", EFFECTS, "Refusal rates (Wilson intervals), paired differences from the baseline, KL and cross-entropy change per direction intervention.", True, version=3),
     Table("latent_attributions", LATENT_ATTRIBUTIONS, "Candidate latents' cosine, activation difference, attribution and rank.", True),
-    Table("feature_sets", FEATURE_SETS, "The latents of each feature set (cossim_ap, cosine, ..., random).", True),
+    Table("feature_sets", FEATURE_SETS, "The latents of each feature set (cossim_ap, cosine, ..., random draws).", True,
+          version=2),
     Table("feature_cards", FEATURE_CARDS, "Each selected latent's scores, sets, top prompts and Neuronpedia page.", True),
     Table("feature_generations", GENERATIONS, "Judged answers with each feature set clamped or induced.", True, version=2),
-    Table("feature_effects", EFFECTS, "Refusal rates (Wilson intervals) and paired differences from the baseline per feature-set intervention.", False, version=3),
+    Table("feature_effects", EFFECTS, "Refusal rates (Wilson intervals) and paired differences from the baseline per "
+          "feature-set intervention; random also as the mean over its draws (t intervals).", False, version=4),
+    Table("feature_count_curve", FEATURE_COUNT_CURVE, "Refusal on HarmBench test prompts with the top k latents of "
+          "each ranking clamped, per k, ranking (random: per draw and their mean) and judge.", True),
+    Table("feature_count_summary", FEATURE_COUNT_SUMMARY, "Fewest latents of each ranking that halve the baseline "
+          "refusal rate, per judge.", False),
     Table("refusal_along_sequence", SEQUENCE_PROJECTIONS, "Projection on the refusal direction per layer and position.", True),
     Table("feature_edges", FEATURE_EDGES, "Effect of clamping an upstream latent on each refusal feature.", True),
     Table("jailbreak_generations", GENERATIONS, "Judged answers to jailbreaks and the base prompts they wrap.", True, version=2),

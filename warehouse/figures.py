@@ -59,6 +59,36 @@ def capability_by_intervention(rows: list[dict], study: str):
     return figure
 
 
+def feature_count_curve(rows: list[dict], study: str):
+    """Refusal (refusal score > 0) against the number of latents clamped, a line per ranking with its 95% interval as a
+    band (random: the mean over its draws, t interval across them), and half the baseline as a dashed line."""
+    scored = [r for r in rows if r["judge"] == "refusal_score"]
+    figure, axis = plt.subplots(figsize=(6.4, 3.8))
+    labels = {"cossim_ap": "CosSim+AP", "cosine": "cosine", "activation_difference": "activation difference",
+              "attribution": "attribution", "random": "random (mean of draws)"}
+    for index, name in enumerate(labels):
+        members = sorted((r for r in scored if r["feature_set"] == name), key=lambda r: r["n_latents"])
+        if not members:
+            continue
+        counts = [r["n_latents"] for r in members]
+        colour = "0.4" if name == "random" else f"C{index}"
+        axis.plot(counts, [r["refusal_rate"] for r in members], marker="o", markersize=3, color=colour,
+                  linestyle="--" if name == "random" else "-", label=labels[name])
+        axis.fill_between(counts, [r["ci_low"] for r in members], [r["ci_high"] for r in members], color=colour,
+                          alpha=0.25 if name == "random" else 0.08)
+    if scored:
+        axis.axhline(scored[0]["baseline_refusal_rate"] / 2, color="C3", linestyle=":", linewidth=1, label="half the baseline")
+    axis.set_xscale("log")
+    counts = sorted({r["n_latents"] for r in scored})
+    axis.set_xticks(counts, [str(k) for k in counts])
+    axis.set_ylim(-0.02, 1.02)
+    axis.set_xlabel("latents clamped (top k of each ranking)")
+    axis.set_ylabel("refusal (refusal score > 0)")
+    axis.legend(frameon=False, fontsize=7)
+    axis.set_title(f"Refusal against the number of latents clamped, HarmBench test, {study}", fontsize=9)
+    return figure
+
+
 def attribution_by_layer(rows: list[dict], study: str):
     """Scatter per layer of the candidate latents: decoder cosine with the refusal direction against attribution."""
     layers = sorted({r["layer_index"] for r in rows})
@@ -309,6 +339,7 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     "category_cosines": ("category_cosines", category_cosines),
     "feature_clamping": ("feature_table", feature_clamping),
     "capability_by_intervention": ("capability_table", capability_by_intervention),
+    "feature_count_curve": ("feature_count_curve", feature_count_curve),
     "attribution_by_layer": ("attribution_by_layer", attribution_by_layer),
     "refusal_along_sequence": ("refusal_along_sequence", refusal_along_sequence),
     "feature_graph": ("feature_graph", feature_graph),

@@ -93,7 +93,7 @@ FROM saes
 ORDER BY model, layer_index;
 
 -- name: feature_table
--- Refusal rate per method and eval set with Wilson 95% intervals, and the paired difference from the baseline in points: baseline, direction ablation/addition and each SAE feature set clamped or set (the paper's main table).
+-- Refusal rate per method and eval set with Wilson 95% intervals, and the paired difference from the baseline in points: baseline, direction ablation/addition and each SAE feature set clamped or set, random as the mean over its seeded draws with a t interval across them (the paper's main table).
 SELECT model, eval_set, method, judge, n_prompts,
        format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
        CASE WHEN difference IS NOT NULL THEN format('{:+.0f} [{:+.0f}, {:+.0f}] n={}', 100 * difference, 100 * difference_ci_low, 100 * difference_ci_high, n_paired) END AS difference_ci,
@@ -109,10 +109,33 @@ FROM (
     UNION ALL
     SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
            difference, difference_ci_low, difference_ci_high, n_paired,
-           intervention_kind || ' ' || feature_set AS method
+           intervention_kind || ' ' || feature_set
+               || CASE WHEN contains(intervention_parameters, '"mean_of":') THEN ' (mean of draws)' ELSE '' END AS method
     FROM feature_effects
+    -- Random is shown as the mean over its seeded draws (t interval across them), not draw by draw.
+    WHERE NOT contains(intervention_parameters, '"seed":')
 )
 ORDER BY model, judge, eval_set, method;
+
+-- name: feature_count_curve
+-- Refusal on HarmBench test prompts with the top k latents of each ranking clamped, by judge, with 95% intervals (random: the mean over its seeded draws, t interval across them).
+SELECT model, feature_set, judge, n_latents, n_prompts, n_draws,
+       format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
+       round(refusal_rate, 3) AS refusal_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
+       round(baseline_refusal_rate, 3) AS baseline_refusal_rate, reaches_half,
+       round(mean_refusal_score, 2) AS mean_refusal_score
+FROM feature_count_curve
+WHERE seed IS NULL
+ORDER BY model, judge, feature_set, n_latents;
+
+-- name: feature_count_summary
+-- Fewest latents of each ranking whose clamping brings refusal to half the baseline or below (none: no measured count does).
+SELECT model, feature_set, judge, n_prompts, round(baseline_refusal_rate, 3) AS baseline_refusal_rate,
+       coalesce(CAST(smallest_n_latents AS VARCHAR), 'none') AS smallest_n_latents,
+       round(refusal_rate_at_smallest, 3) AS refusal_rate_at_smallest, largest_n_latents,
+       round(refusal_rate_at_largest, 3) AS refusal_rate_at_largest
+FROM feature_count_summary
+ORDER BY model, judge, feature_set;
 
 -- name: top_latents
 -- The CosSim+AP ranking over all prompts: latents in their layer's cosine top-k, by attribution.

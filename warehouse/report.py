@@ -6,8 +6,8 @@ import base64
 import html
 from pathlib import Path
 
-REPORT_TABLES = ("main_table", "capability_table", "feature_table", "direction_selection", "category_cosines", "sae_quality", "feature_cards",
-                 "jailbreak_summary", "probe_comparison", "latent_guard", "feature_edges", "judge_agreement")
+REPORT_TABLES = ("main_table", "capability_table", "feature_table", "feature_count_summary", "direction_selection", "category_cosines",
+                 "sae_quality", "feature_cards", "jailbreak_summary", "probe_comparison", "latent_guard", "feature_edges", "judge_agreement")
 """Named queries shown as tables in the report."""
 
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"

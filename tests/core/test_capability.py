@@ -145,13 +145,12 @@ def test_capability_rows_give_wilson_intervals_and_paired_differences():
     assert changed["mean_letter_probability"] == 0.5 and changed["harmless_kl"] == 0.2
 
 
-def test_capability_interventions_keep_the_direction_and_the_cossim_and_random_clamps():
+def test_capability_interventions_keep_the_direction_and_the_cossim_and_first_random_clamps():
     directions = {"ablate": ("A", ()), "add": ("B", ())}
-    features = {f"clamp:{name}": (name, ()) for name in ("cossim_ap", "cosine", "random", "random_1", "upstream")}
+    features = {f"clamp:{name}": (name, ()) for name in ("cossim_ap", "cosine", "random:0", "random:1", "upstream")}
     features["induce:cossim_ap"] = ("induce", ())
     chosen = capability_interventions(directions, features)
-    assert chosen == {"ablate": "A", "add": "B", "clamp:cossim_ap": "cossim_ap", "clamp:random": "random",
-                      "clamp:random_1": "random_1"}
+    assert chosen == {"ablate": "A", "add": "B", "clamp:cossim_ap": "cossim_ap", "clamp:random:0": "random:0"}
     assert capability_interventions(directions, {}) == {"ablate": "A", "add": "B"}
 
 

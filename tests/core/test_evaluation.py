@@ -1,7 +1,9 @@
+import json
+
 import numpy as np
 import pytest
 
-from refusal_core.evaluation import bootstrap_interval, effect_rows
+from refusal_core.evaluation import bootstrap_interval, draw_mean_rows, effect_rows
 from refusal_core.intervals import paired_difference, wilson_interval
 
 
@@ -75,3 +77,22 @@ def test_effect_rows_refuse_an_intervention_prompt_the_baseline_did_not_answer()
         effect_rows("m", [_generation("p0", "ablate", False), _generation("p1", "ablate", False)], baseline)
     with pytest.raises(ValueError, match="pass the unhooked generations"):
         effect_rows("m", [], [_generation("p0", "ablate", False)])
+
+
+def test_random_draws_get_a_mean_row_with_a_t_interval_across_draws_and_rankings_none():
+    def row(identity, parameters, rate, difference):
+        return {"eval_set": "harmful", "intervention_id": identity, "intervention_kind": "clamp", "feature_set": "random",
+                "intervention_name": f"clamp random (seed {identity[-1]}) ×-1", "intervention_parameters": parameters,
+                "judge": "substring", "n_prompts": 10, "refusal_rate": rate, "ci_low": 0.0, "ci_high": 1.0,
+                "mean_refusal_score": rate, "kl": None, "cross_entropy_change": None, "n_paired": 10,
+                "baseline_refusal_rate": 0.8, "difference": difference, "difference_ci_low": -1.0, "difference_ci_high": 1.0}
+
+    draws = [row(f"clamp-{seed}", f'{{"seed":{seed}}}', rate, rate - 0.8) for seed, rate in enumerate([0.6, 0.7, 0.8])]
+    ranking = {**row("clamp-x", "{}", 0.1, -0.7), "feature_set": "cossim_ap"}
+    (mean,) = draw_mean_rows([*draws, ranking])
+    assert mean["intervention_name"] == "clamp random (mean of 3 draws) ×-1" and mean["refusal_rate"] == pytest.approx(0.7)
+    half = 4.302653 * 0.1 / np.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
+    assert (mean["ci_low"], mean["ci_high"]) == pytest.approx((0.7 - half, 0.7 + half))
+    assert (mean["difference"], mean["difference_ci_low"]) == pytest.approx((-0.1, -0.1 - half))
+    assert json.loads(mean["intervention_parameters"]) == {"mean_of": ["clamp-0", "clamp-1", "clamp-2"]}
+    assert draw_mean_rows(draws[:1]) == []  # one draw is not a control

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from refusal_core.attribution import LatentRanking, LayerScores, rank_latents
-from refusal_core.features import build_feature_cards, select_feature_sets
+from refusal_core.features import build_feature_cards, random_draws, rank_methods, refusal_members, select_feature_sets
 from tests.tiny import random_sae
 
 D_SAE = 128
@@ -73,13 +73,18 @@ def test_the_random_set_is_drawn_among_live_latents_with_cossim_aps_count_per_la
     assert {name: len(members) for name, members in chosen.members.items()} == dict.fromkeys(
         ("cossim_ap", "cosine", "activation_difference", "attribution", "random"), 2)
     assert chosen.members["cosine"][0] == (1, 5) and chosen.members["attribution"][0] == (0, 11)
-    for layer in (0, 1):
-        drawn = [latent for chosen_layer, latent in chosen.members["random"] if chosen_layer == layer]
-        assert len(drawn) == sum(chosen_layer == layer for chosen_layer, _ in PLANTED)
-        assert set(drawn) <= set(alive[layer]) - {latent for chosen_layer, latent in PLANTED if chosen_layer == layer}
+    assert sorted(chosen.draws) == [0, 1, 2, 3, 4] and chosen.members["random"] == chosen.draws[0]
+    for members in chosen.draws.values():
+        # Rank r of every draw stands in for CosSim+AP's rank r, from its layer, among the live latents.
+        assert [layer for layer, _ in members] == [layer for layer, _ in PLANTED]
+        assert all(latent in alive[layer] and (layer, latent) not in PLANTED for layer, latent in members)
+    assert len({tuple(members) for members in chosen.draws.values()}) > 1
+    rows = chosen.table().to_pylist()
+    assert sorted({r["seed"] for r in rows if r["feature_set"] == "random"}) == [0, 1, 2, 3, 4]
+    assert {r["seed"] for r in rows if r["feature_set"] != "random"} == {None}
     # The same seed draws the same set; rows carry each member's scores.
     again = select_feature_sets("m", attributions, saes, torch.ones(64), _latents(alive, labels), labels, 2, 3.0, seed=0)
-    assert again.members["random"] == chosen.members["random"] and not chosen.notes
+    assert again.draws == chosen.draws and not chosen.notes
     table = chosen.table().to_pylist()
     row = next(r for r in table if r["feature_set"] == "cossim_ap" and r["rank"] == 2)
     assert (row["layer_index"], row["latent_index"]) == (0, 7)
@@ -91,7 +96,9 @@ def test_a_layer_with_too_few_live_latents_gives_a_short_random_set_and_a_note()
     labels = ["harmful", "harmless"]
     chosen = select_feature_sets("m", _ranking().table(), {layer: random_sae(layer=layer) for layer in (0, 1)},
                                  torch.ones(64), _latents({0: [7], 1: [3]}, labels), labels, 2, 3.0, seed=0)
-    assert chosen.members["random"] == [] and chosen.notes == ["Feature set random has 0 latents, fewer than 2."]
+    assert chosen.members["random"] == [] and chosen.notes == [
+        "Random draws 0 (0 latents), 1 (0 latents), 2 (0 latents), 3 (0 latents), 4 (0 latents) hold fewer than 2 "
+        "latents: their layers have too few live latents."]
 
 
 def test_feature_cards_show_the_prompts_that_activate_each_latent_most():
@@ -113,3 +120,25 @@ def test_feature_cards_show_the_prompts_that_activate_each_latent_most():
     assert [(p["prompt_id"], p["token"], p["activation"]) for p in card["top_prompts"]] == [
         ("p2", "tok", 4.0), ("p3", "tok", 3.5), ("p0", "tok", 2.0)]
     assert card["neuronpedia_url"] is None and cards.harmful_share == pytest.approx(2 / 3)
+
+
+def test_random_draws_follow_the_reference_layers_rank_by_rank_without_repeats():
+    reference = [(1, 0), (0, 0), (1, 1), (1, 2)]
+    live = {0: [0, 5, 6], 1: [0, 1, 2, 7, 8]}
+    draws = random_draws(reference, live, seeds=[3, 4])
+    for members in draws.values():
+        assert [layer for layer, _ in members] == [1, 0, 1]  # layer 1 has only 2 live latents outside the reference
+        assert len(set(members)) == 3 and not set(members) & set(reference)
+    assert random_draws(reference, live, seeds=[3]) == {3: draws[3]}
+
+
+def test_rank_methods_orders_each_ranking_and_the_sets_are_their_prefixes():
+    attributions = _ranking().table()
+    ranked = rank_methods(attributions)
+    assert ranked["cossim_ap"][:2] == PLANTED and len(ranked["cossim_ap"]) == 6
+    assert ranked["cosine"][0] == (1, 5) and ranked["attribution"][0] == (0, 11)
+    labels = ["harmful", "harmless"]
+    chosen = select_feature_sets("m", attributions, {layer: random_sae(layer=layer) for layer in (0, 1)}, torch.ones(64),
+                                 _latents({0: list(range(40)), 1: list(range(40))}, labels), labels, 2, 3.0, seed=7)
+    assert all(chosen.members[name] == ranked[name][:2] for name in ranked)
+    assert refusal_members(chosen.table(), "random") == chosen.draws[7]

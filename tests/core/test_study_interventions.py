@@ -69,3 +69,15 @@ def test_a_feature_set_clamp_edits_each_layer_with_its_own_sae(qwen):
         model(**inputs)
     latent = saes[1].sae.encode(first[1])[..., fired[1]]
     assert torch.allclose(both[1], first[1] - 2 * latent[..., None] * saes[1].sae.W_dec[fired[1]], atol=1e-4)
+
+
+def test_each_random_draw_is_clamped_and_induced_on_its_own_with_its_seed_in_the_name():
+    rows = [{"feature_set": "random", "seed": seed, "rank": rank, "layer_index": 0, "latent_index": latent,
+             "induce_value": 1.0} for seed, latents in ((3, (11, 12)), (4, (20, 21))) for rank, latent in enumerate(latents, 1)]
+    applied = feature_interventions(_saes(), pa.Table.from_pylist(rows), _edges(False), 1.0, 0)
+    assert sorted(applied) == ["clamp:random:3", "clamp:random:4", "induce:random:3", "induce:random:4"]
+    clamp = applied["clamp:random:4"][0]
+    assert [t.latents for t in clamp.targets] == [(20, 21)] and describe(clamp).name == "clamp random (seed 4) ×-1"
+    assert describe(clamp).feature_set == "random" and '"seed":4' in describe(clamp).parameters
+    # A ranking's clamp has no seed in its parameters, so its id is the one it always had.
+    assert "seed" not in describe(feature_interventions(_saes(), _sets(), _edges(False), 1.0, 0)["clamp:cosine"][0]).parameters

@@ -92,8 +92,8 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         graph = pq.read_table(warehouse / "feature_edges" / f"model={key}" / "data.parquet").num_rows > 0
         assert graph or key != "tiny-qwen2"
         assert pngs == sorted(["attribution_by_layer.png", "capability_by_intervention.png", "category_cosines.png",
-                               "direction_selection.png",
-                               "feature_clamping.png", "jailbreak_drop.png", "probe_comparison.png",
+                               "direction_selection.png", "feature_clamping.png", "feature_count_curve.png",
+                               "jailbreak_drop.png", "probe_comparison.png",
                                "refusal_along_sequence.png", "refusal_by_intervention.png"] + ["feature_graph.png"] * graph)
         figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization
         assert figure_event.metadata["refusal_by_intervention"].value.startswith("![refusal_by_intervention](data:image/png;base64,")
@@ -121,11 +121,13 @@ def _check_report(path, key, graph):
     assert {"refusal_by_intervention", "direction_selection", "category_cosines", "feature_clamping", "attribution_by_layer",
             "table-main_table", "table-feature_table", "table-feature_cards", "lineage", "probe_comparison",
             "jailbreak_drop", "table-jailbreak_summary", "table-probe_comparison", "table-latent_guard",
-            "table-judge_agreement", "table-capability_table", "capability_by_intervention"} <= page.ids
-    assert ("feature_graph" in page.ids) == graph and page.images == 9 + graph
+            "table-judge_agreement", "table-capability_table", "capability_by_intervention", "feature_count_curve",
+            "table-feature_count_summary"} <= page.ids
+    assert ("feature_graph" in page.ids) == graph and page.images == 10 + graph
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
     assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text and "capability  sha256" in text
+    assert "feature_count_summary  sha256" in text and "feature_count_curve  sha256" in text
     assert "refusal_probes  sha256" in text and "jailbreak_summary  sha256" in text and "eval_activations  sha256" in text
 
 
@@ -226,9 +228,10 @@ def _check_feature_tables(warehouse, key):
     assert all((r["combined_rank"] is not None) == (r["cosine_rank"] <= 4) for r in overall)
     sets = read("feature_sets").to_pylist()
     names = ("cossim_ap", "cosine", "activation_difference", "attribution", "random")
-    assert {name: sum(r["feature_set"] == name for r in sets) for name in names} == dict.fromkeys(names, 3)
-    cossim = {r["latent_index"] for r in sets if r["feature_set"] == "cossim_ap"}
-    assert not cossim & {r["latent_index"] for r in sets if r["feature_set"] == "random"}
+    assert {name: sum(r["feature_set"] == name for r in sets) for name in names} == {**dict.fromkeys(names, 3), "random": 15}
+    assert sorted({r["seed"] for r in sets if r["feature_set"] == "random"}) == [0, 1, 2, 3, 4]
+    cossim = {(r["layer_index"], r["latent_index"]) for r in sets if r["feature_set"] == "cossim_ap"}
+    assert not cossim & {(r["layer_index"], r["latent_index"]) for r in sets if r["feature_set"] == "random"}
     ranked = sorted((r for r in overall if r["combined_rank"] is not None), key=lambda r: r["combined_rank"])
     assert [r["latent_index"] for r in ranked[:3]] == [r["latent_index"] for r in sets if r["feature_set"] == "cossim_ap"]
     cards = read("feature_cards").to_pylist()
@@ -248,8 +251,37 @@ def _check_feature_tables(warehouse, key):
     if upstream:
         parts = next(json.loads(r["intervention_parameters"])["layers"] for r in generated if r["feature_set"] == "upstream")
         assert {(part["layer"], latent) for part in parts for latent in part["latents"]} == upstream
+    # Each of the 5 random draws is clamped and induced on its own.
+    assert len({r["intervention_id"] for r in generated if r["feature_set"] == "random"}) == 10
     effects = read("feature_effects").to_pylist()
-    assert len(effects) == 2 * (len(clamped) + 2) and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
+    # Rows per judge: every clamp and induce, and the clamp and induce means over the random draws.
+    assert len(effects) == 2 * (len(clamped) + 4 + 6 + 2) and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
+    _check_curve_tables(read, sets, generated)
+
+
+def _check_curve_tables(read, sets, generated):
+    curve = read("feature_count_curve").to_pylist()
+    baseline = [r for r in read("baseline_generations").to_pylist() if r["label"] == "harmful"]
+    # Feature sets of 3 latents: k = 1, 2, 3 by refusal score; the judged k = 5 and 20 are both the whole set.
+    scored = {(r["feature_set"], r["seed"], r["n_latents"]) for r in curve if r["judge"] == "refusal_score"}
+    rankings = ("cossim_ap", "cosine", "activation_difference", "attribution")
+    assert scored == {(name, None, k) for name in (*rankings, "random") for k in (1, 2, 3)} | {
+        ("random", seed, k) for seed in range(5) for k in (1, 2, 3)}
+    judged = [r for r in curve if r["judge"] == "substring"]
+    assert {(r["feature_set"], r["seed"], r["n_latents"]) for r in judged} == {
+        (name, seed, 3) for name, seed, _ in scored}
+    # The whole sets' answers are feature_generations' own: the same clamps, read back rather than generated again.
+    clamped = {r["intervention_id"] for r in generated}
+    assert all(r["intervention_id"] in clamped for r in judged if r["seed"] is not None or r["feature_set"] != "random")
+    for row in curve:
+        assert row["n_prompts"] == len(baseline) and 0 <= row["ci_low"] <= row["refusal_rate"] <= row["ci_high"] <= 1
+        assert row["n_draws"] == (5 if row["feature_set"] == "random" and row["seed"] is None else 1)
+        assert row["reaches_half"] == (row["baseline_refusal_rate"] > 0 and row["refusal_rate"] <= row["baseline_refusal_rate"] / 2)
+    assert all(r["baseline_refusal_rate"] == sum(b["refused_substring"] for b in baseline) / len(baseline) for r in judged)
+    summary = read("feature_count_summary").to_pylist()
+    assert {(r["feature_set"], r["judge"]) for r in summary} == {
+        (name, judge) for name in (*rankings, "random") for judge in ("refusal_score", "substring")}
+    assert all(r["largest_n_latents"] == 3 for r in summary)
 
 
 def _check_analysis_tables(warehouse, key):
@@ -406,9 +438,10 @@ def test_study_without_saes_materializes_with_empty_sae_tables_and_notes(tmp_pat
         assert _materialize(registry, warehouse, "tiny-bare", instance).success
     note = no_saes_note("tiny-bare")
     for name in ("saes", "latent_attributions", "feature_sets", "feature_cards", "feature_edges", "feature_generations",
-                 "feature_effects"):
+                 "feature_effects", "feature_count_curve", "feature_count_summary"):
         assert pq.read_table(warehouse / name / f"model=tiny-bare" / "data.parquet").num_rows == 0, name
-    for name in ("latent_attributions", "feature_sets", "feature_edges", "feature_effects", "jailbreak_analysis", "refusal_probes"):
+    for name in ("latent_attributions", "feature_sets", "feature_edges", "feature_effects", "feature_count_curve",
+                 "feature_count_summary", "jailbreak_analysis", "refusal_probes"):
         notes = json.loads(file_metadata(warehouse / name / "model=tiny-bare" / "data.parquet")[NOTES_KEY])
         assert note in notes, name
     probes = pq.read_table(warehouse / "refusal_probes" / "model=tiny-bare" / "data.parquet").to_pylist()

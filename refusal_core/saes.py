@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_core.activations import input_mask, prefix_cache, tokenize_batch
+from refusal_core.activations import input_mask, length_batches, prefix_cache, tokenize_batch
 from refusal_core.hooks import HookFn, StopForward, check_layers, decoder_layers, hooks, record_residual
 from refusal_core.models import LoadedModel
 from refusal_core.registry import SaeSpec
@@ -196,8 +196,8 @@ def residual_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     device = next(model.parameters()).device
     backbone = model.get_decoder()
     prefix = prefix_cache(model, tokenizer, prompts, skip_first, last_layer=layers[-1])
-    for start in range(0, len(prompts), batch_size):
-        inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device, prefix)
+    for batch in length_batches(tokenizer, prompts, batch_size):  # shortest first: little padding
+        inputs = tokenize_batch(tokenizer, [prompts[i] for i in batch], device, prefix)
         keep = (inputs["position_ids"] >= skip_first) & input_mask(inputs)  # [batch, seq]
         with torch.inference_mode(), record_residual(model, layers, stop_after_last=True) as recorded:
             try:
@@ -313,8 +313,8 @@ def sae_quality(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, saes
     x_sum = {layer: torch.zeros(sae.cfg.d_in, dtype=torch.float64, device=device) for layer, sae in saes.items()}
     fired = {layer: torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=device) for layer, sae in saes.items()}
     clean_total, n_predicted, n_tokens = 0.0, 0, 0
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenize_batch(tokenizer, texts[start:start + batch_size], device)
+    for batch in length_batches(tokenizer, texts, batch_size):  # shortest first: little padding
+        inputs = tokenize_batch(tokenizer, [texts[i] for i in batch], device)
         mask = inputs["attention_mask"].bool()  # [batch, seq]
         keep = mask & (inputs["position_ids"] >= skip_first)  # [batch, seq]
         predicts = keep[:, :-1] & mask[:, 1:]  # [batch, seq-1]: kept positions that have a next token

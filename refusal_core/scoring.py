@@ -10,7 +10,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from refusal_core.activations import last_index, prefix_cache, tokenize_batch
+from refusal_core.activations import last_index, length_batches, prefix_cache, tokenize_batch
 from refusal_core.interventions import Intervention, intervene
 from refusal_core.layouts import layout_of
 
@@ -39,13 +39,13 @@ def answer_log_probs(
     device = next(model.parameters()).device
     with intervene(model, intervention):
         prefix = prefix_cache(model, tokenizer, prompts)  # the shared system prompt, run once
-    rows: list[Tensor] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="score", disable=not progress):
-        inputs = tokenize_batch(tokenizer, prompts[start:start + batch_size], device, prefix)
+    rows: dict[int, Tensor] = {}
+    for batch in tqdm(length_batches(tokenizer, prompts, batch_size), desc="score", disable=not progress):
+        inputs = tokenize_batch(tokenizer, [prompts[i] for i in batch], device, prefix)  # shortest first: little padding
         with torch.inference_mode(), intervene(model, intervention):
             logits = last_logits(model, inputs)  # [batch, vocab]
-        rows.append(torch.log_softmax(logits, dim=-1).cpu())
-    return torch.cat(rows)
+        rows.update(zip(batch, torch.log_softmax(logits, dim=-1).cpu()))
+    return torch.stack([rows[i] for i in range(len(prompts))])
 
 
 def last_logits(model: PreTrainedModel, inputs: dict) -> Tensor:

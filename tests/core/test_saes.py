@@ -14,7 +14,7 @@ from sae_lens.loading import pretrained_sae_loaders
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.sae_trainer import SAETrainer
 
-from refusal_core.activations import tokenize_batch
+from refusal_core.activations import length_batches, tokenize_batch
 from refusal_core.registry import SaeSpec
 from refusal_core.saes import (
     PINNED_FORMATS,
@@ -86,10 +86,12 @@ def test_residual_tokens_equal_output_hidden_states_without_padding_and_first_to
     prompts = ["How do I bake bread?", "Hi", "Write a haiku about the sea and the long summer evenings.", "Name three rivers."]
     batches = list(residual_tokens(model, tokenizer, prompts, [0, 1], batch_size=3, skip_first=4))
     assert len(batches) == 2
+    order = [i for batch in length_batches(tokenizer, prompts, 3) for i in batch]  # shortest first, as batched
+    assert order[-1] == 2  # the longest prompt comes last, alone
     for layer in (0, 1):
         got = torch.cat([batch[layer] for batch in batches])  # [n_tokens, d_model]
         expected = []
-        for prompt in prompts:  # each prompt alone: no padding at all
+        for prompt in [prompts[i] for i in order]:  # each prompt alone: no padding at all
             inputs = tokenize_batch(tokenizer, [prompt], torch.device("cpu"))
             with torch.no_grad():
                 hidden = model(**inputs, output_hidden_states=True).hidden_states[layer + 1]  # [1, seq, d_model]
@@ -97,7 +99,7 @@ def test_residual_tokens_equal_output_hidden_states_without_padding_and_first_to
         assert got.dtype == torch.float32 and got.shape == torch.cat(expected).shape
         assert torch.allclose(got, torch.cat(expected), atol=1e-5)
     # Within one padded batch, the tokens are exactly those of output_hidden_states at the same positions.
-    inputs = tokenize_batch(tokenizer, prompts[:3], torch.device("cpu"))
+    inputs = tokenize_batch(tokenizer, [prompts[i] for i in order[:3]], torch.device("cpu"))
     keep = inputs["attention_mask"].bool() & (inputs["position_ids"] >= 4)
     with torch.no_grad():
         hidden = model(**inputs, output_hidden_states=True).hidden_states
@@ -271,7 +273,7 @@ def test_residual_tokens_reuse_a_shared_prefix_and_match_the_full_pass(tiny_mode
     for layer in (0, 1):  # not the last: output_hidden_states gives it after the final norm
         got = torch.cat([batch[layer] for batch in cached])
         expected = []
-        for prompt in prompts:
+        for prompt in [prompts[i] for batch in length_batches(tokenizer, prompts, 3) for i in batch]:  # as batched
             inputs = tokenize_batch(tokenizer, [prompt], torch.device("cpu"))
             with torch.no_grad():
                 expected.append(model(**inputs, output_hidden_states=True).hidden_states[layer + 1][0, n_prefix:])

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+from sklearn.exceptions import UndefinedMetricWarning
 from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.proportion import proportion_confint
 
@@ -139,6 +140,7 @@ def cohen_kappa(first: np.ndarray, second: np.ndarray) -> float:
     """Cohen's kappa of two boolean raters; nan when it is undefined (both give one and the same verdict throughout)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
         return float(cohen_kappa_score(first, second, labels=[False, True], replace_undefined_by=np.nan))
 
 

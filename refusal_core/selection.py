@@ -21,6 +21,11 @@ from refusal_core.tables import DIRECTION_CANDIDATES
 MAX_KL = 0.1
 """Largest mean KL on harmless prompts that ablating a candidate may cause (refusal_direction's bound)."""
 
+KL_STANDARD_ERRORS = 2.0
+"""A candidate fails the KL bound only when its mean KL exceeds MAX_KL by more than this many standard errors of
+the mean: the bound is tested on the validation sample, not compared with it, so that rounding (bf16 against
+float32) smaller than the sampling error cannot flip a candidate across it."""
+
 
 @dataclass(frozen=True)
 class CandidateEvaluation:
@@ -33,11 +38,13 @@ class CandidateEvaluation:
     addition_refusal_score: float
     """Mean refusal score of harmless prompts with the direction added at its layer (must be > 0)."""
     kl: float
-    """Mean KL on harmless prompts between the clean and the ablated model (must be <= MAX_KL)."""
+    """Mean KL on harmless prompts between the clean and the ablated model (must not be above MAX_KL)."""
+    kl_standard_error: float = 0.0
+    """Standard error of that mean over the harmless prompts."""
 
     @property
     def passes(self) -> bool:
-        return self.addition_refusal_score > 0 and self.kl <= MAX_KL
+        return self.addition_refusal_score > 0 and self.kl - KL_STANDARD_ERRORS * self.kl_standard_error <= MAX_KL
 
 
 def evaluate_candidates(
@@ -64,8 +71,9 @@ def evaluate_candidates(
         ablated_harmful = refusal_score(answer_log_probs(model, tokenizer, harmful, ablate, batch_size), refusal_ids)
         added_harmless = refusal_score(answer_log_probs(model, tokenizer, harmless, add, batch_size), refusal_ids)
         kl = kl_divergence(clean_harmless, answer_log_probs(model, tokenizer, harmless, ablate, batch_size))
+        kl_error = float(kl.std() / len(kl) ** 0.5) if len(kl) > 1 else 0.0
         results.append(CandidateEvaluation(layer, position, float(ablated_harmful.mean()),
-                                           float(added_harmless.mean()), float(kl.mean())))
+                                           float(added_harmless.mean()), float(kl.mean()), kl_error))
     return results
 
 
@@ -111,6 +119,7 @@ class DirectionSelection:
                     "cosine_score": float(c.scores[i, j]), "evaluated": e is not None,
                     "ablation_refusal_score": e.ablation_refusal_score if e else None,
                     "addition_refusal_score": e.addition_refusal_score if e else None, "kl": e.kl if e else None,
+                    "kl_standard_error": e.kl_standard_error if e else None,
                     "passes_filters": (e.passes and layer in c.allowed) if e else None,
                     "selected": e is self.best, "selected_by_cosine": (layer, position) == c.by_cosine,
                     "direction": c.directions[i, j].tolist(),
@@ -147,6 +156,6 @@ def select_refusal_direction(loaded: LoadedModel, prompts: pa.Table, activations
     best, passed = choose(evaluations)
     notes = [b.note for b in (harmful, harmless, val_harmful) if b.note]
     if not passed:
-        notes.append("No candidate passed the filters (addition score > 0, KL <= 0.1); kept the best by ablation.")
+        notes.append("No candidate passed the filters (addition score > 0, KL not above 0.1 by more than 2 standard errors); kept the best by ablation.")
     return DirectionSelection(loaded.study.key, candidates, evaluations, best, passed,
                               {"harmful": len(harmful.prompt_ids), "harmless": len(harmless.prompt_ids)}, notes)

@@ -103,7 +103,9 @@ DIRECTION_CANDIDATES = pa.schema(
         _field("ablation_refusal_score", pa.float64(), "Mean harmful val refusal score with it ablated.", True),
         _field("addition_refusal_score", pa.float64(), "Mean harmless val refusal score with it added.", True),
         _field("kl", pa.float64(), "Mean harmless val KL(clean || ablated) at the first answer token.", True),
-        _field("passes_filters", pa.bool_(), "addition score > 0, KL <= 0.1 and not in the last 20% of layers.", True),
+        _field("kl_standard_error", pa.float64(), "Standard error of that mean over the harmless val prompts.", True),
+        _field("passes_filters", pa.bool_(), "addition score > 0, KL not above 0.1 by more than 2 standard errors, and "
+               "not in the last 20% of layers.", True),
         _field("selected", pa.bool_(), "The refusal direction of the study (chosen by ablation and addition)."),
         _field("selected_by_cosine", pa.bool_(), "The output-free choice: best cosine score in the eligible layers."),
         _field("direction", pa.list_(pa.float64()), "Harmful-minus-harmless mean activation, float64."),

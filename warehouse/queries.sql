@@ -33,7 +33,7 @@ ORDER BY model, benchmark, intervention_kind <> 'none', method;
 SELECT model, layer_index, position, token, round(norm, 2) AS norm, round(cosine_score, 4) AS cosine_score,
        round(ablation_refusal_score, 3) AS ablation_refusal_score,
        round(addition_refusal_score, 3) AS addition_refusal_score, round(kl, 4) AS kl,
-       passes_filters, selected, selected_by_cosine
+       round(kl_standard_error, 4) AS kl_standard_error, passes_filters, selected, selected_by_cosine
 FROM refusal_directions
 WHERE evaluated
 ORDER BY model, selected DESC, passes_filters DESC, ablation_refusal_score;

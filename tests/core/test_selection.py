@@ -73,3 +73,15 @@ def test_the_planted_direction_of_the_refused_prompts_is_selected(tiny_registry,
     category = torch.tensor(rows["category:c"]["direction"], dtype=torch.float64)
     assert rows["category:c"]["n_prompts"] == 16 and abs(float(category @ unit) - 1.0) < 0.3
     assert rows["harmfulness"]["position"] == -4 and rows["harmfulness"]["token"] == INSTRUCTION_TOKEN
+
+
+def test_the_kl_bound_is_tested_against_the_standard_error_of_the_mean():
+    from refusal_core.selection import MAX_KL, CandidateEvaluation, choose
+
+    # Just above the bound within sampling error passes; far above it, or with a precise estimate, fails.
+    within = CandidateEvaluation(3, -1, 0.5, 1.0, MAX_KL + 0.01, 0.01)
+    beyond = CandidateEvaluation(4, -1, -2.0, 1.0, MAX_KL + 0.05, 0.01)
+    precise = CandidateEvaluation(5, -1, -3.0, 1.0, MAX_KL + 0.001, 0.0)
+    assert within.passes and not beyond.passes and not precise.passes
+    assert choose([within, beyond, precise]) == (within, True)
+    assert choose([beyond, precise]) == (precise, False)

@@ -12,7 +12,7 @@ import duckdb
 import pyarrow as pa
 
 from refusal_core.parquet import file_metadata
-from refusal_core.storage import Location, check_readable, is_remote, shown
+from refusal_core.storage import Location, check_readable, is_remote, shown, write_atomically
 from refusal_core.tables import TABLES
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
@@ -54,16 +54,24 @@ def connect(root: Location) -> Iterator[ReadOnlyWarehouse]:
                 connection.execute(f"CREATE VIEW {table.name} AS {_no_rows(columns)}")
         for name, body in _VIEW.findall(files("warehouse").joinpath("views.sql").read_text()):
             connection.execute(f"CREATE VIEW {name} AS {body}")
-        yield ReadOnlyWarehouse(connection, stale)
+        # The views read their Parquet files lazily, so file access stays on for the warehouse's own folder only,
+        # and the configuration is locked so that no query turns it back on.
+        connection.execute(f"SET allowed_directories = ['{shown(root)}/']")
+        connection.execute("SET enable_external_access = false")
+        connection.execute("SET lock_configuration = true")
+        yield ReadOnlyWarehouse(connection, stale, shown(root))
     finally:
         connection.close()
 
 
 class ReadOnlyWarehouse:
-    """Runs SELECT (and EXPLAIN) statements only, so a query cannot change the warehouse."""
+    """Runs SELECT (and EXPLAIN) statements only, so a query cannot change the warehouse, over a connection that
+    reads no file outside the warehouse."""
 
-    def __init__(self, connection: duckdb.DuckDBPyConnection, stale: dict[str, str] | None = None) -> None:
+    def __init__(self, connection: duckdb.DuckDBPyConnection, stale: dict[str, str] | None = None,
+                 root: str = "the warehouse") -> None:
         self._connection = connection
+        self._root = root
         self.stale = stale or {}
         """Study -> the sentence refusing its files of an older schema version (left out of every view)."""
 
@@ -76,7 +84,11 @@ class ReadOnlyWarehouse:
                 f"The warehouse is read-only: {statements[0].type.name} statements are refused; use SELECT "
                 "(and --out FILE to save a result)."
             )
-        return self._connection.sql(query, params=params)
+        try:
+            return self._connection.sql(query, params=params)
+        except duckdb.PermissionException as error:
+            raise ValueError(f"The query reads outside the warehouse ({self._root}), which is refused: query its "
+                             f"tables and views only (refusal-sae query lists them). DuckDB said: {error}") from None
 
     def rows(self, query: str, study: str) -> list[dict]:
         """The rows of `query` for one study (its `model` column), as dicts; a ValueError if that study's files are stale."""
@@ -125,10 +137,17 @@ def named_query(name: str) -> str:
 
 
 def write_result(relation: duckdb.DuckDBPyRelation, path: Path) -> None:
-    """Save a query result as CSV or Parquet, by the file's suffix."""
-    if path.suffix == ".csv":
-        relation.write_csv(str(path))
-    elif path.suffix == ".parquet":
-        relation.write_parquet(str(path))
-    else:
+    """Save a query result as CSV or Parquet, by the file's suffix, whole or not at all.
+
+    The warehouse's connection may write no file, so the result is written by a connection of its own, which
+    sees nothing but the result."""
+    if path.suffix not in (".csv", ".parquet"):
         raise ValueError(f"Cannot write {path.name}: use a .csv or .parquet file name.")
+    table = relation.to_arrow_table()
+
+    def write(temporary: Path) -> None:
+        with duckdb.connect() as writer:
+            result = writer.from_arrow(table)
+            result.write_csv(str(temporary)) if path.suffix == ".csv" else result.write_parquet(str(temporary))
+
+    write_atomically(path, write)

@@ -59,6 +59,9 @@ def test_whole_study_runs_into_s3_and_reads_back_like_a_local_warehouse(
         with connect(root) as remote, connect(local) as here:
             assert remote.sql(named_query(name)).fetchall() == here.sql(named_query(name)).fetchall() != []
 
+        with connect(root) as remote:  # nor, through the bucket's filesystem, anything outside the warehouse
+            with pytest.raises(ValueError, match="The query reads outside the warehouse"):
+                remote.sql("SELECT * FROM read_text('/etc/hostname')")
     assert main(["query", "main_table"]) == 0
     shown = capsys.readouterr().out
     assert "│ harmful " in shown and "│ ablate " in shown

@@ -1,5 +1,6 @@
 from dataclasses import replace
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -59,6 +60,24 @@ def test_queries_cannot_change_the_warehouse(tmp_path):
                 warehouse.sql(statement)
         with pytest.raises(ValueError, match="exactly one SQL statement"):
             warehouse.sql("SELECT 1; SELECT 2")
+
+
+def test_queries_read_no_file_outside_the_warehouse(tmp_path):
+    outside = tmp_path / "secret.csv"
+    outside.write_text("token\nabc\n")
+    root = tmp_path / "warehouse"
+    root.mkdir()
+    with connect(root) as warehouse:
+        for query in (f"SELECT * FROM read_text('{outside}')", f"SELECT * FROM read_csv('{outside}')",
+                      f"SELECT * FROM read_text('{root}/../secret.csv')", "SELECT * FROM read_text('/etc/hostname')"):
+            with pytest.raises(ValueError, match=r"^The query reads outside the warehouse \(.*\), which is refused"):
+                warehouse.sql(query)
+        # Nor can a query lift the bound: the configuration is locked.
+        with pytest.raises(ValueError, match="read-only"):
+            warehouse.sql("SET enable_external_access = true")
+        with pytest.raises(duckdb.Error, match="locked"):
+            warehouse._connection.execute("SET enable_external_access = true")
+        assert warehouse.sql("SELECT count(*) FROM prompts").fetchall() == [(0,)]
 
 
 def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypatch, capsys):

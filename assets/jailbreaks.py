@@ -27,10 +27,12 @@ def jailbreak_generations(context: dg.AssetExecutionContext, study: StudyResourc
     settings = loaded.study.settings
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts), "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"max_new_tokens": settings.max_new_tokens, "jailbreak_prompts": settings.jailbreak_prompts,
+                                    "jailbreak_prompts_max": settings.jailbreak_prompts_max,
                                     "families": FAMILIES})}
     judged = judge_jailbreaks(loaded.study.key, loaded.model, loaded.tokenizer, prompts, settings.jailbreak_prompts,
                               loaded.study.chat_template, settings.max_new_tokens, settings.batch_size,
-                              study.classifier(loaded.study.key), checkpoints(context, study, lineage))
+                              study.classifier(loaded.study.key), checkpoints(context, study, lineage),
+                              settings.jailbreak_prompts_max)
     staged = spool([judged.table()], GENERATIONS, study.staging_dir, lineage)
     metadata = {f"answered_rate/{family}": round(rate, 3) for family, rate in judged.answered_rates.items()}
     context.log.info("Share of jailbreaks answered (substring judge): %s", metadata)

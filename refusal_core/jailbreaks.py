@@ -17,7 +17,7 @@ from refusal_core.evaluation import bootstrap_interval, judged_generations
 from refusal_core.judges import ClassifierJudge
 from refusal_core.probes import MIN_PER_CLASS
 from refusal_core.scoring import refusal_token_ids
-from refusal_core.tables import JAILBREAK_PAIRS, JAILBREAK_SUMMARY
+from refusal_core.tables import GENERATIONS, JAILBREAK_PAIRS, JAILBREAK_SUMMARY
 
 PAIRED_FAMILIES = ("dan", "gcg")
 """Jailbreak sources that wrap one of the study's harmful prompts (base_prompt_id)."""
@@ -26,16 +26,19 @@ UNPAIRED_FAMILIES = ("phrasing",)
 FAMILIES = PAIRED_FAMILIES + UNPAIRED_FAMILIES
 
 
-def jailbreak_selection(prompts: pa.Table, per_family: int) -> pa.Table:
-    """Up to `per_family` jailbreaks of each family, and the base prompts of the paired ones.
+def jailbreak_selection(prompts: pa.Table, per_family: int | Mapping[str, int]) -> pa.Table:
+    """Up to `per_family` jailbreaks of each family (one count for all, or one per family), and the base prompts of
+    the paired ones.
 
     DAN prompts are a grid of templates x base prompts (about sqrt(per_family) of each, first in id order):
     a template is ~700 tokens before every prompt it wraps, so it is run once per template
     (`shared_prefix_groups`). GCG and tense prompts are taken in prompt-id order, across splits and bases.
     """
     jailbreaks = prompts.filter(pc.equal(prompts["label"], "jailbreak")).sort_by("prompt_id")
+    counts = per_family if isinstance(per_family, Mapping) else dict.fromkeys(FAMILIES, per_family)
     chosen = []
     for family in FAMILIES:
+        per_family = counts[family]
         rows = jailbreaks.filter(pc.equal(jailbreaks["source"], family))
         if family in PAIRED_FAMILIES:
             rows = rows.filter(pc.is_valid(rows["base_prompt_id"]))
@@ -87,23 +90,54 @@ class JudgedJailbreaks:
 
 def judge_jailbreaks(model_key: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: pa.Table,
                      per_family: int, chat_template: str, max_new_tokens: int, batch_size: int,
-                     classifier: ClassifierJudge | None = None, checkpoints: Checkpoints = Checkpoints()) -> JudgedJailbreaks:
-    """Answer and judge up to `per_family` jailbreaks of each family and the harmful prompts the paired ones wrap.
+                     classifier: ClassifierJudge | None = None, checkpoints: Checkpoints = Checkpoints(),
+                     max_per_family: int | None = None) -> JudgedJailbreaks:
+    """Answer and judge jailbreaks of each family and the harmful prompts the paired ones wrap.
 
+    Each family starts with `per_family` jailbreaks; a paired family whose succeeded or failed group (jailbreaks
+    of refused base prompts) holds fewer than MIN_PER_CLASS pairs doubles its count and answers the new ones,
+    up to `max_per_family` or what the prompt set holds (`families_to_grow`).
     The prompts of each DAN template run together, so the template's tokens are computed once per batch.
     Each finished batch is kept in `checkpoints` (deleted once all are answered), so a killed run resumes after it.
     """
-    chosen = jailbreak_selection(prompts, per_family)
-    tables = []
-    for group in shared_prefix_groups(chosen):
-        subset = chosen.take(group)
-        texts = [format_prompt(tokenizer, t, chat_template) for t in subset["text"].to_pylist()]
-        tables.append(judged_generations(
-            model, tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(), model_key,
-            refusal_token_ids(model, tokenizer), None, max_new_tokens, batch_size, classifier, subset["text"].to_pylist(),
-            checkpoints))
+    counts = dict.fromkeys(FAMILIES, per_family)
+    answered: dict[str, dict] = {}
+    while True:
+        chosen = jailbreak_selection(prompts, counts)
+        new = chosen.filter(pc.invert(pc.is_in(chosen["prompt_id"], pa.array(sorted(answered), pa.string()))))
+        for group in shared_prefix_groups(new):
+            subset = new.take(group)
+            texts = [format_prompt(tokenizer, t, chat_template) for t in subset["text"].to_pylist()]
+            judged = judged_generations(
+                model, tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(), model_key,
+                refusal_token_ids(model, tokenizer), None, max_new_tokens, batch_size, classifier,
+                subset["text"].to_pylist(), checkpoints)
+            answered |= {row["prompt_id"]: row for row in judged.to_pylist()}
+        refused = {prompt_id: row["refused_substring"] for prompt_id, row in answered.items()}
+        grow = families_to_grow(prompts, chosen, refused, counts, max_per_family or per_family)
+        if not grow:
+            break
+        counts |= {family: 2 * counts[family] for family in grow}
     checkpoints.clear()
-    return JudgedJailbreaks(chosen, pa.concat_tables(tables))
+    rows = [answered[prompt_id] for prompt_id in chosen["prompt_id"].to_pylist()]
+    return JudgedJailbreaks(chosen, pa.Table.from_pylist(rows, schema=GENERATIONS))
+
+
+def families_to_grow(prompts: pa.Table, chosen: pa.Table, refused: Mapping[str, bool], counts: Mapping[str, int],
+                     max_per_family: int) -> list[str]:
+    """The paired families whose succeeded or failed jailbreaks of refused base prompts number fewer than
+    MIN_PER_CLASS among `chosen`, that may still double (`counts` below `max_per_family`) and whose jailbreaks in
+    `prompts` outnumber those chosen."""
+    grow = []
+    for family in PAIRED_FAMILIES:
+        rows = chosen.filter(pc.equal(chosen["source"], family)).to_pylist()
+        usable = [row for row in rows if refused.get(row["base_prompt_id"])]
+        succeeded = sum(not refused[row["prompt_id"]] for row in usable)
+        pool = pc.sum(pc.and_(pc.equal(prompts["source"], family), pc.is_valid(prompts["base_prompt_id"]))).as_py() or 0
+        if (min(succeeded, len(usable) - succeeded) < MIN_PER_CLASS and 2 * counts[family] <= max_per_family
+                and pool > len(rows)):
+            grow.append(family)
+    return grow
 
 
 def judged_prompts(prompts: pa.Table, *generations: pa.Table) -> pa.Table:

@@ -146,6 +146,10 @@ class Settings(_Strict):
         default=16, gt=0, description="Jailbreaks per family (DAN and GCG, paired with the prompt they wrap; past/future "
         "tense rewrites) that are generated for and judged, with the base prompts of the paired ones."
     )
+    jailbreak_prompts_max: int = Field(
+        default=64, gt=0, description="Most jailbreaks of a paired family (DAN, GCG): its count doubles from "
+        "jailbreak_prompts while its succeeded or failed jailbreaks of refused base prompts number fewer than 5."
+    )
     probe_seeds: int = Field(default=50, gt=0, description="Bootstrap seeds behind the probe intervals.")
     upstream_candidates: int = Field(
         default=16, gt=0, description="Latents per earlier SAE layer (best by harmful-minus-harmless activation) whose "

@@ -62,6 +62,7 @@ sequence_new_tokens = 3
 direction_candidates = 2
 max_new_tokens = 6
 jailbreak_prompts = 3
+jailbreak_prompts_max = 6
 probe_seeds = 5
 upstream_candidates = 3
 edge_prompts = 3

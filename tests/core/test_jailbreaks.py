@@ -84,3 +84,27 @@ def test_jailbreak_summary_counts_and_intervals_use_the_same_pairs():
     assert rows[("gcg", "succeeded")]["note"].startswith("1 succeeded gcg jailbreaks of refused prompts")
     assert rows[("dan", "failed")]["n_pairs"] == 0 and rows[("dan", "failed")]["note"]
     assert set(summary.drops) == {"all/succeeded", "all/failed", "dan/succeeded", "gcg/failed"}
+
+
+def test_a_paired_family_grows_while_a_group_of_refused_base_prompts_has_too_few_pairs():
+    from refusal_core.jailbreaks import families_to_grow
+
+    bases = [_prompt(f"b{i}", "harmful", "harmbench") for i in range(8)]
+    gcg = [_prompt(f"g{i}", "jailbreak", "gcg", "gcg", f"b{i}") for i in range(8)]
+    dan = [_prompt(f"d{t}{i}", "jailbreak", "dan", f"dan:{t}", f"b{i}") for t in "wxyz" for i in range(8)]
+    prompts = pa.Table.from_pylist(bases + gcg + dan)
+    chosen = jailbreak_selection(prompts, {"dan": 16, "gcg": 8, "phrasing": 0})
+    # GCG suffixes on b0-b3 and DAN templates w and x are refused; the others are answered.
+    refused = {f"b{i}": True for i in range(8)} | {row["prompt_id"]: row["prompt_id"][-1 if row["source"] == "gcg" else 1] in "0123wx"
+                                                   for row in prompts.to_pylist() if row["label"] == "jailbreak"}
+    # 4 succeeded and 4 failed GCG pairs (too few), but all 8 GCG prompts are chosen: it cannot grow.
+    # DAN: 16 of 32 chosen (4 templates x 4 bases), 8 succeeded and 8 failed: enough.
+    assert families_to_grow(prompts, chosen, refused, {"dan": 16, "gcg": 8}, 64) == []
+    # Half as many DAN prompts (3 templates x 3 bases, the first 8): 6 failed and 2 succeeded, so DAN doubles,
+    # unless that passes the most allowed.
+    fewer = jailbreak_selection(prompts, {"dan": 8, "gcg": 8, "phrasing": 0})
+    assert families_to_grow(prompts, fewer, refused, {"dan": 8, "gcg": 8}, 64) == ["dan"]
+    assert families_to_grow(prompts, fewer, refused, {"dan": 8, "gcg": 8}, 15) == []
+    # Unrefused base prompts give no pairs to count.
+    answered = refused | {f"b{i}": False for i in range(8)}
+    assert families_to_grow(prompts, chosen, answered, {"dan": 16, "gcg": 8}, 64) == ["dan"]

@@ -1,6 +1,9 @@
 import json
+from collections import Counter
 
 import dagster as dg
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -8,6 +11,7 @@ from pipelines.cli import failure_message
 from pipelines.definitions import ASSETS, build_definitions, study_job
 from pipelines.partitions import settings_key, studies
 from pipelines.schedules import stale_studies_schedule
+from refusal_core.jailbreaks import families_to_grow
 from refusal_core.models import native_cpu_bf16
 from refusal_core.parquet import file_metadata
 from refusal_core.tables import TABLES
@@ -289,18 +293,23 @@ def _check_analysis_tables(warehouse, key):
     prompts = {r["prompt_id"]: r for r in read("prompts").to_pylist()}
     judged = read("jailbreak_generations").to_pylist()
     jailbreaks = [prompts[r["prompt_id"]] for r in judged if r["label"] == "jailbreak"]
-    assert sorted(p["source"] for p in jailbreaks) == ["dan"] * 3 + ["gcg"] * 3 + ["phrasing"] * 3
+    counts = Counter(p["source"] for p in jailbreaks)
+    # 3 of each family; a paired family doubles to 6 when its succeeded or failed group has too few pairs.
+    assert counts["phrasing"] == 3 and {counts["dan"], counts["gcg"]} <= {3, 6}
+    refused = {r["prompt_id"]: r["refused_substring"] for r in judged}
+    chosen = read("prompts").filter(pc.is_in(read("prompts")["prompt_id"], pa.array(list(refused))))
+    stopped = [family for family in ("dan", "gcg") if counts[family] == 3]
+    assert not set(stopped) & set(families_to_grow(read("prompts"), chosen, refused, counts, 6))
     bases = {p["base_prompt_id"] for p in jailbreaks if p["source"] != "phrasing"}
     assert {r["prompt_id"] for r in judged if r["label"] == "harmful"} == bases
     baseline = read("baseline_generations").to_pylist()
     captured = read("eval_activations")
     assert set(captured["prompt_id"].to_pylist()) == {r["prompt_id"] for r in baseline + judged}
     assert captured.num_rows == len({r["prompt_id"] for r in baseline + judged}) * 3 * len(set(captured["position"].to_pylist()))
-    refused = {r["prompt_id"]: r["refused_substring"] for r in judged}
     sets = read("feature_sets").to_pylist()
     cossim = [(r["layer_index"], r["latent_index"]) for r in sorted(sets, key=lambda r: r["rank"]) if r["feature_set"] == "cossim_ap"]
     pairs = read("jailbreak_analysis").to_pylist()
-    assert len(pairs) == 6 and {p["family"] for p in pairs} == {"dan", "gcg"}
+    assert len(pairs) == counts["dan"] + counts["gcg"] and {p["family"] for p in pairs} == {"dan", "gcg"}
     for pair in pairs:
         assert prompts[pair["jailbreak_prompt_id"]]["base_prompt_id"] == pair["base_prompt_id"]
         assert pair["base_refused"] == refused[pair["base_prompt_id"]] and pair["jailbreak_refused"] == refused[pair["jailbreak_prompt_id"]]
@@ -446,7 +455,10 @@ def test_study_without_saes_materializes_with_empty_sae_tables_and_notes(tmp_pat
         assert note in notes, name
     probes = pq.read_table(warehouse / "refusal_probes" / "model=tiny-bare" / "data.parquet").to_pylist()
     assert {r["probe"] for r in probes} == {"dense_residual", "harmfulness_direction", "refusal_direction"}
-    assert pq.read_table(warehouse / "jailbreak_analysis" / "model=tiny-bare" / "data.parquet").num_rows == 6
+    judged = pq.read_table(warehouse / "jailbreak_generations" / "model=tiny-bare" / "data.parquet").to_pylist()
+    prompts = {r["prompt_id"]: r for r in pq.read_table(warehouse / "prompts" / "model=tiny-bare" / "data.parquet").to_pylist()}
+    paired = [r for r in judged if r["label"] == "jailbreak" and prompts[r["prompt_id"]]["base_prompt_id"] is not None]
+    assert pq.read_table(warehouse / "jailbreak_analysis" / "model=tiny-bare" / "data.parquet").num_rows == len(paired) >= 6
     page = (warehouse / "report" / "model=tiny-bare" / "index.html").read_text()
     assert "id='notes'" in page and "has no SAEs" in page
     _check_capability(warehouse, "tiny-bare", clamped=False)

@@ -23,7 +23,7 @@ from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.intervals import paired_difference, wilson_interval
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.models import LoadedModel
-from refusal_core.scoring import last_logits
+from refusal_core.scoring import SharedBottom
 from refusal_core.study_interventions import Applied, harmless_costs
 from refusal_core.tables import CAPABILITY
 
@@ -66,12 +66,14 @@ def letter_log_probs(
     batch_size: int = 16,
     checkpoints: Checkpoints = Checkpoints(),
     progress: bool = True,
+    bottom: SharedBottom | None = None,
 ) -> Tensor:
     """log P(letter) at the first answer position of each chat-formatted prompt, per letter: [n_prompts, n_letters].
 
     A letter's probability is the sum over its tokens (`letter_token_ids`). Prompts are batched by length, the
     tokens they share (the system prompt) run once, and only the last position's logits computed. Each finished
-    batch is kept in `checkpoints`, so a killed run resumes after it.
+    batch is kept in `checkpoints`, so a killed run resumes after it. With `bottom`, a pass after the baseline's
+    skips the blocks below the intervention's first hook (`scoring.SharedBottom`).
     """
     if not prompts:
         raise ValueError("No questions to score; the benchmark selection is empty.")
@@ -80,13 +82,14 @@ def letter_log_probs(
     batches = length_batches(tokenizer, prompts, batch_size)
     bar = tqdm(total=len(prompts), desc=f"capability ({description.name})", unit="question", disable=not progress)
 
+    bottom = bottom or SharedBottom(model)
+
     def compute(todo: list[int]):
         with intervene(model, intervention):
             prefix = prefix_cache(model, tokenizer, prompts)  # the shared system prompt, run once
         for b in todo:
             inputs = tokenize_batch(tokenizer, [prompts[i] for i in batches[b]], device, prefix)
-            with torch.inference_mode(), intervene(model, intervention):
-                log_probs = torch.log_softmax(last_logits(model, inputs), dim=-1)  # [batch, vocab]
+            log_probs = torch.log_softmax(bottom.last_logits(b, inputs, intervention), dim=-1)  # [batch, vocab]
             letters = torch.stack([torch.logsumexp(log_probs[:, list(ids)], dim=-1) for ids in letter_ids], dim=-1)
             bar.update(len(batches[b]))
             yield {"letter_log_probs": letters.cpu()}  # [batch, n_letters]
@@ -157,9 +160,11 @@ def measure_capability(
     prompts = [format_prompt(tokenizer, multiple_choice_prompt(q), loaded.study.chat_template) for q in questions]
     letter_ids = letter_token_ids(tokenizer, max(len(q.choices) for q in questions))
     graded = {}
+    bottom = SharedBottom(model, interventions.values())  # the baseline runs first and records what the others reuse
     for intervention in (None, *interventions.values()):
         description = describe(intervention)
-        log_probs = letter_log_probs(model, tokenizer, prompts, letter_ids, intervention, settings.batch_size, checkpoints)
+        log_probs = letter_log_probs(model, tokenizer, prompts, letter_ids, intervention, settings.batch_size, checkpoints,
+                                     bottom=bottom)
         graded[description.id] = (description, *grade(log_probs, questions))
         log(f"{description.name}: {100 * sum(graded[description.id][1]) / len(questions):.0f}% of {len(questions)} "
             "questions answered correctly.")

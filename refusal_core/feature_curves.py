@@ -18,7 +18,7 @@ from refusal_core.interventions import Clamp, describe
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel
 from refusal_core.saes import LoadedSae
-from refusal_core.scoring import answer_log_probs, refusal_score, refusal_token_ids
+from refusal_core.scoring import SharedBottom, answer_log_probs, refusal_score, refusal_token_ids
 from refusal_core.study_interventions import feature_clamp
 from refusal_core.tables import FEATURE_COUNT_CURVE, FEATURE_COUNT_SUMMARY
 
@@ -198,7 +198,8 @@ def _clamp_scores(model, tokenizer, texts: list[str], clamps: Sequence[Clamp | N
                   batch_size: int, progress: bool, checkpoints: Checkpoints) -> dict[tuple, list[float]]:
     """Refusal score per prompt under each distinct clamp (None: the baseline), one forward pass per prompt and clamp;
     each (clamp, batch) is a checkpointed unit."""
-    distinct = list({_latents(clamp): clamp for clamp in clamps}.items())
+    distinct = sorted({_latents(clamp): clamp for clamp in clamps}.items(), key=lambda item: item[1] is not None)
+    bottom = SharedBottom(model, [clamp for _, clamp in distinct])  # the baseline first: the clamps reuse its lower blocks
     starts = list(range(0, len(texts), batch_size))
     units = [(key, clamp, start) for key, clamp in distinct for start in starts]
     identities = [{"intervention": describe(clamp).parameters if clamp else "none",
@@ -208,7 +209,7 @@ def _clamp_scores(model, tokenizer, texts: list[str], clamps: Sequence[Clamp | N
     def compute(todo: list[int]):
         for i in tqdm(todo, desc="feature-count curve (refusal score)", unit="batch", disable=not progress):
             _, clamp, start = units[i]
-            log_probs = answer_log_probs(model, tokenizer, texts[start:start + batch_size], clamp, batch_size)
+            log_probs = answer_log_probs(model, tokenizer, texts[start:start + batch_size], clamp, batch_size, bottom=bottom)
             yield {"score": refusal_score(log_probs, refusal_ids)}
 
     scores: dict[tuple, list[float]] = {}

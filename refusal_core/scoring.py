@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from refusal_core.activations import last_index, length_batches, prefix_cache, tokenize_batch
+from refusal_core.hooks import decoder_layers, hooks
 from refusal_core.interventions import Intervention, intervene
 from refusal_core.layouts import layout_of
 
@@ -28,11 +31,13 @@ def answer_log_probs(
     intervention: Intervention | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    bottom: SharedBottom | None = None,
 ) -> Tensor:
     """Log-probabilities of the first answer token for each chat-formatted prompt: [n_prompts, vocab], float32.
 
     The tokens all prompts share (the system prompt) are run once; only the last position's logits are
-    computed, which skips most of the LM head.
+    computed, which skips most of the LM head. With `bottom`, passes over the same batches under other
+    interventions reuse the blocks that the intervention leaves alone (`SharedBottom`).
     """
     if not prompts:
         raise ValueError("No prompts to score; the prompt selection is empty.")
@@ -42,8 +47,8 @@ def answer_log_probs(
     rows: dict[int, Tensor] = {}
     for batch in tqdm(length_batches(tokenizer, prompts, batch_size), desc="score", disable=not progress):
         inputs = tokenize_batch(tokenizer, [prompts[i] for i in batch], device, prefix)  # shortest first: little padding
-        with torch.inference_mode(), intervene(model, intervention):
-            logits = last_logits(model, inputs)  # [batch, vocab]
+        texts = tuple(prompts[i] for i in batch)
+        logits = (bottom or SharedBottom(model)).last_logits(texts, inputs, intervention)  # [batch, vocab]
         rows.update(zip(batch, torch.log_softmax(logits, dim=-1).cpu()))
     return torch.stack([rows[i] for i in range(len(prompts))])
 
@@ -59,6 +64,78 @@ def last_logits(model: PreTrainedModel, inputs: dict) -> Tensor:
     kept, where = torch.unique(last, return_inverse=True)  # the positions whose logits are needed
     logits = model(**{"use_cache": False, **inputs}, logits_to_keep=kept).logits  # [batch, len(kept), vocab]
     return logits[torch.arange(len(last), device=logits.device), where].float()
+
+
+class SharedBottom:
+    """Scores the same batches under several interventions, running the blocks below an intervention's first hooked
+    block once, on the baseline pass.
+
+    Those blocks compute the same with and without the intervention, so the baseline pass of a batch records the
+    residual stream entering each block in `starts`, and a later pass of the same batch under an intervention that
+    first hooks block L feeds the recording to block L instead of running blocks 0..L-1: the same arithmetic on the
+    same tensors, so the same logits, bit for bit. A batch whose baseline pass did not run here (read back from a
+    checkpoint) runs whole.
+    """
+
+    def __init__(self, model: PreTrainedModel, interventions: Iterable[Intervention | None] = ()):
+        self.model = model
+        n_blocks = len(decoder_layers(model))
+        self.starts = sorted({first_block(model, i) for i in interventions if i is not None} - {0, n_blocks})
+        self.recorded: dict[tuple[Hashable, int], Tensor] = {}
+
+    def last_logits(self, key: Hashable, inputs: dict, intervention: Intervention | None) -> Tensor:
+        """`last_logits` of one batch under `intervention`; `key` names the batch's prompts (the same key, the same
+        prompts), and the prefix length and the shape of the given tokens complete it."""
+        cache = inputs.get("past_key_values")
+        key = (key, 0 if cache is None else cache.get_seq_length(), tuple(inputs["input_ids"].shape))
+        if intervention is None:
+            def keep(start: int):
+                def hook(hidden: Tensor, _positions: Tensor | None) -> None:
+                    self.recorded[(key, start)] = hidden
+                return hook
+
+            with torch.inference_mode(), hooks(self.model, [(f"resid_pre.{start}", keep(start)) for start in self.starts]):
+                return last_logits(self.model, inputs)
+        start = first_block(self.model, intervention)
+        hidden = self.recorded.get((key, start))
+        with torch.inference_mode(), intervene(self.model, intervention), \
+                replayed(self.model, start, hidden) if hidden is not None else nullcontext():  # hooks first: on real blocks
+            return last_logits(self.model, inputs)
+
+
+def first_block(model: nn.Module, intervention: Intervention) -> int:
+    """The lowest block any of the intervention's hooks acts in (every hook point names its block)."""
+    return min((int(point.rpartition(".")[2]) for point, _ in intervention.hooks(model)), default=len(decoder_layers(model)))
+
+
+class _Replay(nn.Module):
+    """Stands in for a skipped block: passes its input on, or, for the last skipped block, returns the recording."""
+
+    def __init__(self, output: Tensor | None):
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        if self.output is None:
+            return hidden_states
+        if self.output.shape != hidden_states.shape:
+            raise ValueError(f"A replayed residual stream of shape {tuple(self.output.shape)} was given for a pass of "
+                             f"shape {tuple(hidden_states.shape)}; record it on the same batch.")
+        return self.output
+
+
+@contextmanager
+def replayed(model: nn.Module, start: int, hidden: Tensor) -> Iterator[None]:
+    """Blocks 0..start-1 skipped, block `start` given `hidden` (recorded entering it on the same inputs); restored on exit."""
+    blocks = decoder_layers(model)
+    kept = [blocks[i] for i in range(start)]
+    try:
+        for i in range(start):
+            blocks[i] = _Replay(hidden if i == start - 1 else None)
+        yield
+    finally:
+        for i, block in enumerate(kept):
+            blocks[i] = block
 
 
 def refusal_score(log_probs: Tensor, refusal_ids: Sequence[int]) -> Tensor:

@@ -15,7 +15,7 @@ from refusal_core.directions import DirectionCandidates, direction_candidates
 from refusal_core.interventions import Ablate, Add
 from refusal_core.models import LoadedModel
 from refusal_core.prompts import prompts_of
-from refusal_core.scoring import answer_log_probs, kl_divergence, refusal_score, refusal_token_ids
+from refusal_core.scoring import SharedBottom, answer_log_probs, kl_divergence, refusal_score, refusal_token_ids
 from refusal_core.tables import DIRECTION_CANDIDATES
 
 MAX_KL = 0.1
@@ -63,13 +63,16 @@ def evaluate_candidates(
         directions: (layer, position) to its [d_model] direction.
         harmful, harmless: chat-formatted validation prompts.
     """
-    clean_harmless = answer_log_probs(model, tokenizer, harmless, None, batch_size)
+    # Addition at a candidate's layer leaves the blocks below it alone: the clean pass records what it reuses.
+    bottom = SharedBottom(model, [Add(direction.float(), layer) for (layer, _), direction in directions.items()])
+    clean_harmless = answer_log_probs(model, tokenizer, harmless, None, batch_size, bottom=bottom)
     results = []
     for (layer, position), direction in tqdm(directions.items(), desc="evaluate directions", disable=not progress):
         direction = direction.float()
         ablate, add = Ablate(direction), Add(direction, layer)
         ablated_harmful = refusal_score(answer_log_probs(model, tokenizer, harmful, ablate, batch_size), refusal_ids)
-        added_harmless = refusal_score(answer_log_probs(model, tokenizer, harmless, add, batch_size), refusal_ids)
+        added_harmless = refusal_score(answer_log_probs(model, tokenizer, harmless, add, batch_size, bottom=bottom),
+                                       refusal_ids)
         kl = kl_divergence(clean_harmless, answer_log_probs(model, tokenizer, harmless, ablate, batch_size))
         kl_error = float(kl.std() / len(kl) ** 0.5) if len(kl) > 1 else 0.0
         results.append(CandidateEvaluation(layer, position, float(ablated_harmful.mean()),

@@ -16,7 +16,7 @@ from refusal_core.interventions import Ablate, Add, Clamp, Intervention, SaeLate
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel
 from refusal_core.saes import LoadedSae
-from refusal_core.scoring import answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
+from refusal_core.scoring import SharedBottom, answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
 
 INDUCED_SETS = ("cossim_ap", "random")
 """Feature sets also set on harmless prompts to induce refusal (the method and its control)."""
@@ -104,12 +104,13 @@ def harmless_costs(loaded: LoadedModel, harmless: pa.Table, baseline_generations
     texts = [format_prompt(tokenizer, t, loaded.study.chat_template) for t in harmless["text"].to_pylist()]
     answers = dict(zip(baseline_generations["prompt_id"].to_pylist(), baseline_generations["completion"].to_pylist()))
     completions = [answers[i] for i in harmless["prompt_id"].to_pylist()]
-    clean = answer_log_probs(model, tokenizer, texts, None, settings.batch_size)
+    bottom = SharedBottom(model, [intervention for intervention, _ in applied.values()])
+    clean = answer_log_probs(model, tokenizer, texts, None, settings.batch_size, bottom=bottom)
     clean_loss = completion_cross_entropy(model, tokenizer, texts, completions, None, settings.batch_size)
     kl, cross_entropy = {"none": 0.0}, {"none": 0.0}
     for intervention, _ in applied.values():
         identity = describe(intervention).id
-        changed = answer_log_probs(model, tokenizer, texts, intervention, settings.batch_size)
+        changed = answer_log_probs(model, tokenizer, texts, intervention, settings.batch_size, bottom=bottom)
         kl[identity] = float(kl_divergence(clean, changed).mean())
         loss = completion_cross_entropy(model, tokenizer, texts, completions, intervention, settings.batch_size)
         cross_entropy[identity] = float((loss - clean_loss).nanmean())

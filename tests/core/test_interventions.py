@@ -5,7 +5,7 @@ from refusal_core.activations import tokenize_batch
 from refusal_core.hooks import decoder_layers, head_count, hooks, record, record_residual
 from refusal_core.interventions import (Ablate, Add, Clamp, Compose, HeadAblate, HeadPatch, SaeLatents, describe, intervene,
                                         project_out)
-from refusal_core.scoring import answer_log_probs, completion_cross_entropy, kl_divergence, refusal_score
+from refusal_core.scoring import SharedBottom, answer_log_probs, completion_cross_entropy, kl_divergence, refusal_score
 from tests.tiny import FAMILIES, load_tiny, random_sae
 
 
@@ -187,3 +187,31 @@ def test_completion_cross_entropy_matches_a_direct_computation(qwen):
     with torch.no_grad():
         ablated = completion_cross_entropy(model, tokenizer, prompts, completions, Ablate(torch.randn(64)), batch_size=2)
     assert not torch.allclose(ablated, batched)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_bottom_skips_the_blocks_below_each_intervention_and_gives_the_same_scores(tiny_models, family):
+    model, tokenizer = load_tiny(tiny_models[family])
+    prompts = [f"You are a careful assistant. {q}" for q in
+               ("How do I bake bread?", "List three colours.", "Why is the sky blue today?", "Name a prime.", "Hi")]
+    direction = torch.randn(model.config.hidden_size)
+    interventions = [Add(direction, 2), HeadAblate(((1, 0), (1, 1))),
+                     Clamp((SaeLatents(1, random_sae(layer=1), "f" * 64, (3, 17, 40)),), factor=-2.0), Ablate(direction)]
+    expected = [answer_log_probs(model, tokenizer, prompts, i, batch_size=2) for i in interventions]
+    bottom = SharedBottom(model, interventions)
+    assert bottom.starts == [1, 2]  # ablation hooks every block: nothing below it to reuse
+    runs = []
+    handle = decoder_layers(model)[0].register_forward_hook(lambda *_: runs.append(1))
+    try:
+        baseline = answer_log_probs(model, tokenizer, prompts, None, batch_size=2, bottom=bottom)
+        assert len(runs) == 4  # the prefix and the 3 batches
+        for intervention, want in zip(interventions, expected):
+            runs.clear()
+            assert torch.equal(answer_log_probs(model, tokenizer, prompts, intervention, batch_size=2, bottom=bottom), want)
+            assert len(runs) == (4 if isinstance(intervention, Ablate) else 1)  # only the prefix, run under the intervention
+    finally:
+        handle.remove()
+    assert torch.equal(baseline, answer_log_probs(model, tokenizer, prompts, None, batch_size=2))
+    assert all(isinstance(block, type(decoder_layers(model)[-1])) for block in decoder_layers(model))  # blocks restored
+    unseen = answer_log_probs(model, tokenizer, prompts[:3], interventions[0], batch_size=2, bottom=bottom)
+    assert torch.allclose(unseen, expected[0][:3], atol=1e-5)  # another prefix: nothing recorded for it, it runs whole

@@ -32,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--model", dest="study", help=argparse.SUPPRESS)  # the old name of --study, still accepted
     gen.add_argument("--prompts", type=Path, required=True, help=".txt (one prompt a line) or .jsonl with a text field.")
     gen.add_argument("--intervention", default="none",
-                     help="none, ablate, or add[:COEF] with the study's selected refusal direction (default none).")
+                     help="none (default); ablate or add[:COEF] (the study's selected refusal direction, COEF default 1); "
+                          "clamp[:SET[:MULT]] (a stored feature set's latents x -MULT: SET default cossim_ap, or cosine, "
+                          "activation_difference, attribution, upstream, random, random@SEED; MULT default the study's "
+                          "clamp_multiplier); induce[:SET[:SCALE]] (cossim_ap or random set to the stored constants x SCALE, "
+                          "default 1).")
     gen.add_argument("--max-new-tokens", type=int, help="Default: the study's setting.")
     gen.add_argument("--dtype", **DTYPE_ARGUMENT)
     gen.add_argument("--out", type=Path, required=True, help="Parquet file to write the judged rows to.")
@@ -160,16 +164,15 @@ def _release_abandoned_runs(instance) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from refusal_core.directions import selected_direction
     from refusal_core.chat import format_prompt
     from refusal_core.evaluation import judged_generations
-    from refusal_core.interventions import Ablate, Add
     from refusal_core.judges import ClassifierJudge
     from refusal_core.models import load_model
+    from refusal_core.named_interventions import named_intervention
     from refusal_core.prompts import prompt_id, read_prompt_file
     from refusal_core.registry import load_registry, with_dtype
     from refusal_core.scoring import refusal_token_ids
-    from refusal_core.parquet import read_parquet, write_parquet
+    from refusal_core.parquet import write_parquet
     from refusal_core.tables import GENERATIONS
 
     if args.out.suffix != ".parquet":
@@ -177,17 +180,9 @@ def _generate(args: argparse.Namespace) -> int:
     registry = load_registry(paths.registry_path())
     study = with_dtype(registry.get(args.study or registry.default), args.dtype)
     rows = read_prompt_file(args.prompts)
-    kind, _, coefficient = args.intervention.partition(":")
-    intervention = None
-    if kind != "none":
-        if kind not in ("ablate", "add"):
-            raise ValueError(f"Unknown intervention {args.intervention!r}; use none, ablate or add[:COEF].")
-        directions = paths.warehouse_root() / "refusal_directions" / f"model={study.key}" / "data.parquet"
-        if not directions.exists():
-            raise FileNotFoundError(f"No refusal direction for {study.key!r} yet; run `refusal-sae run --study {study.key}` first.")
-        layer, direction = selected_direction(read_parquet(directions))
-        intervention = Ablate(direction.float()) if kind == "ablate" else Add(direction.float(), layer, float(coefficient or 1.0))
+    build = named_intervention(args.intervention, study, lambda table: _stored_table(table, study.key))
     loaded = load_model(study, paths.cache_dir())
+    intervention = build(loaded)
     spec = study.settings.classifier_judge
     classifier = ClassifierJudge(spec, paths.cache_dir() / "judges" / "cli.json") if spec else None
     texts = [format_prompt(loaded.tokenizer, row["text"], study.chat_template) for row in rows]
@@ -201,6 +196,14 @@ def _generate(args: argparse.Namespace) -> int:
     refused = sum(table["refused_substring"].to_pylist())
     print(f"Wrote {table.num_rows} judged answers to {args.out} ({refused} refused by substring).")
     return 0
+
+
+def _stored_table(table: str, key: str):
+    """The study's stored `table` from the warehouse, or None when it was never materialized."""
+    from refusal_core.parquet import read_parquet
+
+    path = paths.warehouse_root() / table / f"model={key}" / "data.parquet"
+    return read_parquet(path) if path.exists() else None
 
 
 def _judge(args: argparse.Namespace) -> int:

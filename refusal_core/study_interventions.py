@@ -15,11 +15,9 @@ from refusal_core.features import feature_set_members
 from refusal_core.interventions import Ablate, Add, Clamp, Intervention, SaeLatents, describe
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel
+from refusal_core.named_interventions import INDUCED_SETS
 from refusal_core.saes import LoadedSae
 from refusal_core.scoring import SharedBottom, answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
-
-INDUCED_SETS = ("cossim_ap", "random")
-"""Feature sets also set on harmless prompts to induce refusal (the method and its control)."""
 
 Applied = dict[str, tuple[Intervention, tuple[str, ...]]]
 """`name -> (intervention, the eval-set labels it is applied to)`."""
@@ -115,3 +113,4 @@ def harmless_costs(loaded: LoadedModel, harmless: pa.Table, baseline_generations
         loss = completion_cross_entropy(model, tokenizer, texts, completions, intervention, settings.batch_size)
         cross_entropy[identity] = float((loss - clean_loss).nanmean())
     return kl, cross_entropy
+

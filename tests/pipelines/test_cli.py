@@ -1,5 +1,7 @@
-import pytest
+import json
 import os
+
+import pytest
 import dagster as dg
 import pyarrow.parquet as pq
 
@@ -17,7 +19,7 @@ def test_generate_writes_judged_rows_with_and_without_interventions(tiny_registr
     out = tmp_path / "answers.parquet"
 
     assert main(["generate", "--prompts", str(prompts), "--intervention", "ablate", "--out", str(out)]) == 2
-    assert "No refusal direction for 'tiny-qwen2' yet" in capsys.readouterr().err
+    assert "Study 'tiny-qwen2' has no stored refusal_directions yet" in capsys.readouterr().err
     assert not out.exists()
 
     with dg.instance_for_test() as instance:
@@ -29,6 +31,7 @@ def test_generate_writes_judged_rows_with_and_without_interventions(tiny_registr
         assert table.num_rows == 2 and set(table["max_new_tokens"].to_pylist()) == {4}
         assert set(table["intervention_kind"].to_pylist()) == {intervention.split(":")[0]}
     assert '"coefficient":2.0' in table["intervention_parameters"][0].as_py()
+    _check_feature_interventions_match_the_study(warehouse, tmp_path, capsys)
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -40,6 +43,38 @@ def test_generate_writes_judged_rows_with_and_without_interventions(tiny_registr
     for flag in ("--study", "--model"):
         assert main(["generate", flag, "nope", "--prompts", str(prompts), "--out", str(out)]) == 2
         assert "Unknown study 'nope'" in capsys.readouterr().err
+
+
+def _check_feature_interventions_match_the_study(warehouse, tmp_path, capsys):
+    """clamp and induce from the CLI answer a study's own prompts, in its batches, exactly as feature_generations did."""
+    read = lambda table: pq.read_table(warehouse / table / "model=tiny-qwen2" / "data.parquet").to_pylist()
+    texts = {r["prompt_id"]: r["text"] for r in read("prompts")}
+    study_rows = read("feature_generations")
+    seeds = sorted({r["seed"] for r in read("feature_sets") if r["feature_set"] == "random"})
+    out = tmp_path / "features.parquet"
+    for spec, name in (("clamp", "clamp cossim_ap ×-1"), ("induce", "induce cossim_ap"),
+                       (f"clamp:random@{seeds[1]}", f"clamp random (seed {seeds[1]}) ×-1"),
+                       ("induce:random:1", f"induce random (seed {seeds[0]})")):
+        expected = [r for r in study_rows if r["intervention_name"] == name]
+        assert expected, spec
+        prompts = tmp_path / "study_prompts.jsonl"
+        prompts.write_text("".join(json.dumps({"text": texts[r["prompt_id"]]}) + "\n" for r in expected))
+        assert main(["generate", "--prompts", str(prompts), "--intervention", spec, "--out", str(out)]) == 0
+        got = pq.read_table(out).to_pylist()
+        columns = ("prompt_id", "completion", "refused_substring", "refusal_score", "intervention_id", "intervention_kind",
+                   "intervention_name", "intervention_parameters", "feature_set")
+        assert [{c: r[c] for c in columns} for r in got] == [{c: r[c] for c in columns} for r in expected], spec
+    # Induced with SCALE 2, the same set is another intervention: its constants doubled.
+    assert main(["generate", "--prompts", str(prompts), "--intervention", "induce:random:2", "--out", str(out)]) == 0
+    assert pq.read_table(out)["intervention_id"][0].as_py() != expected[0]["intervention_id"]
+    capsys.readouterr()
+    for spec, says in (("clamp:nope", "has no stored feature set 'nope' to clamp; its sets are activation_difference, "
+                                      "attribution, cosine, cossim_ap, random"),
+                       ("induce:cosine", "has no stored feature set 'cosine' to induce; its sets are cossim_ap, random"),
+                       ("clamp:cossim_ap:lots", "'lots' in intervention 'clamp:cossim_ap:lots' is not a number")):
+        assert main(["generate", "--prompts", str(prompts), "--intervention", spec, "--out", str(tmp_path / "x.parquet")]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "x.parquet").exists()
 
 
 def test_run_rejects_an_unknown_study(monkeypatch, tiny_registry, capsys):

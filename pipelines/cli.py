@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--force", action="store_true",
                      help="Re-materialize every asset, even those whose code, settings and inputs are unchanged.")
     run.add_argument("--dtype", **DTYPE_ARGUMENT)
+    run.add_argument("--verbose", action="store_true",
+                     help="Show Dagster's event log live, as well as writing it to its file.")
     commands.add_parser("studies", help="List the studies in the registry.")
     gen = commands.add_parser("generate", help="Generate and judge answers to a prompt file, optionally intervening.")
     gen.add_argument("--study", help="Registry key; the registry's default when left out.")
@@ -78,6 +80,7 @@ def _bad_dtype(value: str):
 def _run(args: argparse.Namespace) -> int:
     import dagster as dg
 
+    from pipelines.console import StepLines, register
     from pipelines.definitions import ASSETS, build_definitions, study_job
     from pipelines.partitions import SETTINGS, studies
     from pipelines.staleness import behind, current_settings
@@ -111,9 +114,16 @@ def _run(args: argparse.Namespace) -> int:
         selection = list(stale)
     _release_abandoned_runs(instance)
     started = time.perf_counter()
+    total = len(selection) if selection is not None else len(ASSETS)
+    register("cli", StepLines(total, lambda step: _key_number(instance, step, key)))
+    log = paths.dagster_home() / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{key}.log"
+    loggers = {"steps": {"config": {"handler": "cli"}}, "event_file": {"config": {"path": str(log)}}}
+    if args.verbose:
+        loggers["console"] = {"config": {"log_level": "DEBUG"}}
+    print(f"Running {total} assets of study {key!r}; Dagster's event log: {log}" + ("" if args.verbose else " (--verbose shows it here)"))
     result = defs.resolve_job_def(study_job.name).execute_in_process(
-        partition_key=key, instance=instance, raise_on_error=False, asset_selection=selection,
-        tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()},
+        run_config={"loggers": loggers}, partition_key=key, instance=instance, raise_on_error=False,
+        asset_selection=selection, tags={PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()},
     )
     if not result.success:
         for event in result.all_events:
@@ -128,6 +138,25 @@ def _run(args: argparse.Namespace) -> int:
     print(f"  Lineage:        refusal-sae lineage intervention_effects --study {key}")
     print("  Try:            refusal-sae query feature_table")
     return 0
+
+
+def _key_number(instance, step: str, key: str) -> str:
+    """The first number a step's materialization recorded for `key` (its own metadata before Dagster's row count)."""
+    import dagster as dg
+
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(step), asset_partitions=[key]), limit=1).records
+    if not records:
+        return ""
+    metadata = records[0].asset_materialization.metadata
+    numbers = [(name, value.value) for name, value in metadata.items()
+               if isinstance(value.value, (int, float)) and not isinstance(value.value, bool)]
+    own = [(name, number) for name, number in numbers if not name.startswith("dagster/")]
+    if own:
+        name, number = own[0]
+        return f"{name} {number:.3g}" if isinstance(number, float) else f"{name} {number}"
+    rows = dict(numbers).get("dagster/row_count")
+    return "" if rows is None else f"{rows} rows"
 
 
 def _print_plan(stale: dict, total: int) -> None:

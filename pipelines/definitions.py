@@ -8,6 +8,7 @@ import dagster as dg
 
 import assets
 from pipelines import paths
+from pipelines.console import LOGGERS
 from pipelines.io_manager import ParquetIOManager
 from pipelines.partitions import studies
 from pipelines.resources import StudyResource
@@ -48,6 +49,7 @@ def build_definitions(
     return dg.Definitions(
         assets=[*ASSETS, *settings_specs(ASSETS, studies)],
         jobs=[study_job],
+        loggers=LOGGERS,
         sensors=[registry_sensor_for(study_job.name, ASSETS)],
         schedules=[stale_studies_schedule(study_job.name, ASSETS)],
         resources={

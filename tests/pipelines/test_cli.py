@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import dagster as dg
@@ -96,7 +97,17 @@ def test_run_from_an_asset_rematerializes_only_it_and_what_is_downstream(monkeyp
         assert _materialize(tiny_registry, warehouse, "tiny-qwen2", instance).success
     table = lambda name: warehouse / name / "model=tiny-qwen2" / "data.parquet"  # noqa: E731
     before = {name: table(name).stat().st_mtime_ns for name in ("activations", "saes", "feature_sets", "feature_effects")}
+    capsys.readouterr()
     assert main(["run", "--from", "feature_sets"]) == 0
+    # A quiet console: a line per finished step with its time and key number; Dagster's events go to the file named.
+    printed = capsys.readouterr()
+    steps = [line for line in printed.out.splitlines() if line.startswith("[")]
+    assert steps and all(f"/{len(steps)}] " in line for line in steps)
+    assert any("] feature_sets " in line and " s  overlap_with_cosine " in line for line in steps), steps
+    assert "DEBUG" not in printed.out + printed.err and "STEP_SUCCESS" not in printed.out + printed.err
+    log = Path(next(line for line in printed.out.splitlines() if "Dagster's event log: " in line)
+               .split("Dagster's event log: ")[1].split(" (--verbose")[0])
+    assert log.parent == tmp_path / "home" / "logs" and log.read_text().count("STEP_SUCCESS") == len(steps)
     after = {name: table(name).stat().st_mtime_ns for name in before}
     assert after["activations"] == before["activations"] and after["saes"] == before["saes"]
     assert after["feature_sets"] > before["feature_sets"] and after["feature_effects"] > before["feature_effects"]

@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     judge.add_argument("--study", help="Registry key whose classifier judge (if it names one) judges too; "
                                        "left out, only the substring judge runs and no registry is read.")
     judge.add_argument("--out", type=Path, required=True, help="Parquet file to write the verdicts to.")
+    export = commands.add_parser("export-saes", help="Write a study's SAEs as sae-lens folders with a model card.")
+    export.add_argument("--study", help="Registry key; the registry's default when left out.")
+    export.add_argument("--out", type=Path, required=True, help="A new (or empty) folder: one layer_N/ per SAE and README.md.")
     sql = commands.add_parser("sql", help="Run a read-only SQL query over the warehouse views.")
     sql.add_argument("query")
     sql.add_argument("--out", type=Path, help="Write the result to a .csv or .parquet file instead of printing it.")
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return {"run": _run, "studies": _studies, "sql": _sql, "generate": _generate,
-                "judge": _judge, "query": _query, "lineage": _lineage}[args.command](args)
+                "judge": _judge, "export-saes": _export_saes, "query": _query, "lineage": _lineage}[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError, duckdb.Error) as error:
         print(f"refusal-sae: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
@@ -233,6 +236,23 @@ def _stored_table(table: str, key: str):
 
     path = paths.warehouse_root() / table / f"model={key}" / "data.parquet"
     return read_parquet(path) if path.exists() else None
+
+
+def _export_saes(args: argparse.Namespace) -> int:
+    from refusal_core.registry import load_registry
+    from refusal_core.sae_export import export_saes, published_name
+
+    registry = load_registry(paths.registry_path())
+    study = registry.get(args.study or registry.default)
+    saes = _stored_table("saes", study.key)
+    if saes is None:
+        raise FileNotFoundError(f"Study {study.key!r} has no stored saes yet; run `refusal-sae run --study {study.key}` first.")
+    written, published = export_saes(saes, study, args.out)
+    for line in published:
+        print(line)
+    print(f"Wrote {len(written)} SAE(s) of {published_name(study)} to {args.out} ({', '.join(p.name for p in written)}) "
+          "with a model card, README.md; load one with sae_lens.SAE.load_from_disk.")
+    return 0
 
 
 def _judge(args: argparse.Namespace) -> int:

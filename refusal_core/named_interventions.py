@@ -81,8 +81,11 @@ def named_intervention(spec: str, study: Study, stored: Callable[[str], pa.Table
 
 def _stored(stored: Callable[[str], pa.Table | None], table: str, key: str) -> pa.Table:
     found = stored(table)
-    if found is None or found.num_rows == 0:
+    if found is None:
         raise FileNotFoundError(f"Study {key!r} has no stored {table} yet; run `refusal-sae run --study {key}` first.")
+    if found.num_rows == 0:
+        raise ValueError(f"Study {key!r} stored an empty {table} (a study without SAEs has no feature sets); "
+                         "use none, ablate or add.")
     return found
 
 

@@ -181,6 +181,9 @@ class Settings(_Strict):
 class Study(_Strict):
     key: str = Field(description="Registry key: the Dagster partition and the model= folder.")
     description: str = Field(default="", description="One line for people.")
+    model_name: str | None = Field(
+        default=None, description="The model's published name (e.g. Qwen/Qwen2.5-Coder-0.5B-Instruct), written into "
+        "exported SAEs; the hub repository when left out, else the key.")
     weights: Weights
     chat_template: Literal["tokenizer", "plain"] = Field(
         default="tokenizer",

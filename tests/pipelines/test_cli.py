@@ -2,6 +2,7 @@ import json
 import os
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pytest
 import dagster as dg
 import pyarrow.parquet as pq
@@ -33,6 +34,7 @@ def test_generate_writes_judged_rows_with_and_without_interventions(tiny_registr
         assert set(table["intervention_kind"].to_pylist()) == {intervention.split(":")[0]}
     assert '"coefficient":2.0' in table["intervention_parameters"][0].as_py()
     _check_feature_interventions_match_the_study(warehouse, tmp_path, capsys)
+    _check_exported_saes_encode_like_the_study(warehouse, tmp_path, capsys)
 
     empty = tmp_path / "empty.txt"
     empty.write_text("")
@@ -76,6 +78,44 @@ def _check_feature_interventions_match_the_study(warehouse, tmp_path, capsys):
         assert main(["generate", "--prompts", str(prompts), "--intervention", spec, "--out", str(tmp_path / "x.parquet")]) == 2
         assert says in capsys.readouterr().err
         assert not (tmp_path / "x.parquet").exists()
+
+
+def _check_exported_saes_encode_like_the_study(warehouse, tmp_path, capsys):
+    """export-saes writes folders sae-lens loads, naming the model and hook, that encode stored activations as the study's SAEs."""
+    import torch
+    from sae_lens import SAE
+
+    from refusal_core.registry import load_registry
+    from refusal_core.sae_export import export_saes
+
+    read = lambda table: pq.read_table(warehouse / table / "model=tiny-qwen2" / "data.parquet")
+    out = tmp_path / "exported"
+    capsys.readouterr()
+    assert main(["export-saes", "--out", str(out)]) == 0
+    saes = read("saes").to_pylist()
+    assert f"Wrote {len(saes)} SAE(s) of tiny-qwen2 to {out}" in capsys.readouterr().out
+    activations = read("activations")
+    card = (out / "README.md").read_text()
+    for row in saes:
+        layer = row["layer_index"]
+        exported = SAE.load_from_disk(out / f"layer_{layer}", device="cpu")
+        assert exported.cfg.metadata.model_name == "tiny-qwen2"  # the registry names no model_name: the key
+        assert exported.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+        study_sae = SAE.load_from_disk(Path(row["sae_source"].removeprefix("trained:")), device="cpu")
+        at_layer = activations.filter(pc.equal(activations["layer_index"], layer))
+        residual = torch.tensor(at_layer["activation"].to_pylist())
+        with torch.no_grad():
+            latents = exported.encode(residual)
+            assert latents.count_nonzero() > 0 and torch.equal(latents, study_sae.encode(residual))
+        assert f"| {layer} | `blocks.{layer}.hook_resid_post` | {row['width']} | {row['explained_variance']:.3f} |" in card
+    assert "weights sha256" in card and read("saes").schema.metadata[b"refusal_sae.model_sha256"].decode() in card
+    # Bad input: a folder that holds something, a study without SAEs; nothing is written either time.
+    assert main(["export-saes", "--out", str(out)]) == 2
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has no SAEs to export"):
+        export_saes(read("saes").slice(0, 0), load_registry(Path(os.environ["REFUSAL_SAE_REGISTRY"])).get("tiny-qwen2"),
+                    tmp_path / "none")
+    assert not (tmp_path / "none").exists() and not list(tmp_path.glob(".none.partial-*"))
 
 
 def test_run_rejects_an_unknown_study(monkeypatch, tiny_registry, capsys):

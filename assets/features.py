@@ -11,7 +11,8 @@ from refusal_core.attribution import rank_latents
 from refusal_core.behaviour import behaving, chat_texts
 from refusal_core.chat import instruction_offset
 from refusal_core.directions import selected_direction
-from refusal_core.features import TOP_PROMPTS, build_feature_cards, select_feature_sets
+from refusal_core.features import (LOGIT_TOKENS, TOP_PROMPTS, build_feature_cards, decoder_logits, select_feature_sets,
+                                   vocabulary)
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.readouts import latent_activations
 from refusal_core.saes import no_saes_note, study_saes
@@ -86,14 +87,19 @@ def feature_cards(context: dg.AssetExecutionContext, study: StudyResource, promp
     spec = loaded.study.saes
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, activations=activations, saes=saes,
                                                            feature_sets=feature_sets),
-               "settings": to_json({"top_prompts": TOP_PROMPTS})}
+               "settings": to_json({"top_prompts": TOP_PROMPTS, "logit_tokens": LOGIT_TOKENS})}
     if saes.num_rows == 0:
         staged = spool([], FEATURE_CARDS, study.staging_dir, lineage, noted(context, no_saes_note(loaded.study.key)))
         return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_cards": 0})
-    rows, tokens, latents = latent_activations(activations, prompts, study_saes(loaded, saes))
+    loaded_saes = study_saes(loaded, saes)
+    rows, tokens, latents = latent_activations(activations, prompts, loaded_saes)
+    chosen = sorted({(m["layer_index"], m["latent_index"]) for m in feature_sets.to_pylist() if m["feature_set"] != "random"})
+    unembedding = loaded.model.get_output_embeddings().weight  # [vocab, d_model]
+    logits = decoder_logits({layer: item.sae for layer, item in loaded_saes.items()}, unembedding,
+                            vocabulary(loaded.tokenizer, unembedding.shape[0]), chosen)
     cards = build_feature_cards(loaded.study.key, feature_sets, rows, tokens, latents,
                                 dict(zip(saes["layer_index"].to_pylist(), saes["sae_id"].to_pylist())),
-                                spec.release if spec.kind == "pretrained" else None)
+                                spec.release if spec.kind == "pretrained" else None, logits)
     staged = spool([cards.table()], FEATURE_CARDS, study.staging_dir, lineage)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={
         "n_cards": len(cards.cards), "harmful_share_of_top_prompts": round(cards.harmful_share, 3)})

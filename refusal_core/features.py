@@ -18,6 +18,8 @@ from refusal_core.tables import FEATURE_CARDS, FEATURE_SETS
 
 TOP_PROMPTS = 5
 """Prompts shown on each feature card."""
+LOGIT_TOKENS = 10
+"""Tokens a feature card lists as promoted and as suppressed by the latent's decoder direction."""
 
 
 RANKINGS = ("cossim_ap", "cosine", "activation_difference", "attribution")
@@ -162,8 +164,27 @@ class FeatureCards:
         return pa.Table.from_pylist(self.cards, schema=FEATURE_CARDS)
 
 
+def vocabulary(tokenizer, size: int) -> list[str]:
+    """Token i as text, for i < `size` (an unembedding may have more rows than the tokenizer has tokens: those are '')."""
+    return tokenizer.batch_decode([[i] for i in range(min(size, len(tokenizer)))]) + [""] * max(0, size - len(tokenizer))
+
+
+def decoder_logits(saes: Mapping[int, SAE], unembedding: Tensor, vocabulary: Sequence[str], keys: Sequence[tuple[int, int]],
+                   n: int = LOGIT_TOKENS) -> dict[tuple[int, int], tuple[list[dict], list[dict]]]:
+    """(layer, latent) -> (the `n` tokens its decoder row raises most through `unembedding` [vocab, d_model], highest
+    first; the `n` it lowers most, lowest first), each {token, logit}; `vocabulary[i]` is token i as text."""
+    result = {}
+    for layer, latent in keys:
+        logits = unembedding.float() @ saes[layer].W_dec[latent].detach().float().to(unembedding.device)  # [vocab]
+        order = torch.argsort(logits, descending=True, stable=True)
+        pick = lambda ids: [{"token": vocabulary[i], "logit": float(logits[i])} for i in ids.tolist()]  # noqa: E731
+        result[(layer, latent)] = pick(order[:n]), pick(order.flip(0)[:n])
+    return result
+
+
 def build_feature_cards(model_key: str, feature_sets: pa.Table, rows: Sequence[Mapping], tokens: Sequence[str],
                         latents: Mapping[int, Tensor], sae_ids: Mapping[int, str], release: str | None,
+                        logits: Mapping[tuple[int, int], tuple[list[dict], list[dict]]] | None = None,
                         top_prompts: int = TOP_PROMPTS) -> FeatureCards:
     """A card for every latent of the non-random sets of `feature_sets` (FEATURE_SETS).
 
@@ -172,7 +193,10 @@ def build_feature_cards(model_key: str, feature_sets: pa.Table, rows: Sequence[M
             and layer -> latents [n_prompts, n_positions, d_sae] (`readouts.latent_activations`).
         sae_ids, release: each layer's SAE id and the pretrained release (None for trained SAEs), for the
             Neuronpedia page.
+        logits: `decoder_logits` of the cards' latents (empty token lists when left out).
     """
+    labels = [row["label"] for row in rows]
+    harmful, harmless = label_mask(labels, "harmful"), label_mask(labels, "harmless")
     cards: dict[tuple[int, int], dict] = {}
     for member in feature_sets.filter(pc.not_equal(feature_sets["feature_set"], "random")).to_pylist():
         key = (member["layer_index"], member["latent_index"])
@@ -189,5 +213,7 @@ def build_feature_cards(model_key: str, feature_sets: pa.Table, rows: Sequence[M
             "top_prompts": [{"prompt_id": rows[i]["prompt_id"], "label": rows[i]["label"], "text": rows[i]["text"],
                              "token": tokens[int(where[i])], "activation": float(peak[i])} for i in top],
             "neuronpedia_url": neuronpedia_url(release, sae_ids[key[0]], key[1]) if release else None,
+            "harmful_peaks": peak[harmful].tolist(), "harmless_peaks": peak[harmless].tolist(),
+            "promoted_tokens": (logits or {}).get(key, ([], []))[0], "suppressed_tokens": (logits or {}).get(key, ([], []))[1],
         }
     return FeatureCards([cards[key] for key in sorted(cards)])

@@ -195,6 +195,14 @@ FEATURE_CARDS = pa.schema(
             pa.field("token", pa.string()), pa.field("activation", pa.float64())])),
             "Stored prompts that activate the latent most, with the template token where it peaks."),
         _field("neuronpedia_url", pa.string(), "The latent's Neuronpedia page, for SAEs Neuronpedia hosts.", True),
+        _field("harmful_peaks", pa.list_(pa.float32()), "Its peak activation over the post-instruction tokens of each "
+               "stored harmful prompt, in prompt-id order (the distribution the feature page draws)."),
+        _field("harmless_peaks", pa.list_(pa.float32()), "The same on each stored harmless prompt."),
+        _field("promoted_tokens", pa.list_(pa.struct([pa.field("token", pa.string()), pa.field("logit", pa.float64())])),
+               "Tokens its decoder direction raises most through the unembedding (W_U . decoder row; the final norm's "
+               "scale left out), highest first."),
+        _field("suppressed_tokens", pa.list_(pa.struct([pa.field("token", pa.string()), pa.field("logit", pa.float64())])),
+               "Tokens it lowers most, lowest first."),
     ]
 )
 
@@ -513,7 +521,8 @@ TABLES = {table.name: table for table in [
     Table("latent_attributions", LATENT_ATTRIBUTIONS, "Candidate latents' cosine, activation difference, attribution and rank.", True),
     Table("feature_sets", FEATURE_SETS, "The latents of each feature set (cossim_ap, cosine, ..., random draws).", True,
           version=2),
-    Table("feature_cards", FEATURE_CARDS, "Each selected latent's scores, sets, top prompts and Neuronpedia page.", True),
+    Table("feature_cards", FEATURE_CARDS, "Each selected latent's scores, sets, top prompts, activation distribution, "
+          "promoted and suppressed tokens and Neuronpedia page.", True, 2),
     Table("feature_generations", GENERATIONS, "Judged answers with each feature set clamped or induced.", True, version=2),
     Table("feature_effects", EFFECTS, "Refusal rates (Wilson intervals) and paired differences from the baseline per "
           "feature-set intervention; random also as the mean over its draws (t intervals).", False, version=4),

@@ -333,6 +333,33 @@ def _readable(token: str) -> str:
     return repr(token.replace("Ċ", "\n").replace("Ġ", " "))
 
 
+def peak_histogram(harmful: list[float], harmless: list[float], title: str):
+    """A latent's peak activation on each stored harmful and harmless prompt, as two overlaid histograms."""
+    figure, axis = plt.subplots(figsize=(5.2, 2.6))
+    values = [v for v in harmful + harmless] or [0.0]
+    bins = np.linspace(min(values), max(values) if max(values) > min(values) else min(values) + 1, 25)
+    for label, data, colour in (("harmful", harmful, "#c0392b"), ("harmless", harmless, "#2e86c1")):
+        axis.hist(data, bins=bins, alpha=0.6, color=colour, label=f"{label} (n = {len(data)})")
+    axis.set_xlabel("peak activation over the post-instruction tokens")
+    axis.set_ylabel("prompts")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    return figure
+
+
+def png_bytes(figure) -> bytes:
+    """The figure as PNG bytes (for a page that inlines it), closed afterwards."""
+    import io
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    try:
+        figure.savefig(buffer, dpi=DPI // 2, format="png")
+    finally:
+        plt.close(figure)
+    return buffer.getvalue()
+
+
 FIGURES: dict[str, tuple[str, Callable]] = {
     "refusal_by_intervention": ("main_table", refusal_by_intervention),
     "direction_selection": ("direction_selection_all", direction_selection),

@@ -15,8 +15,13 @@ _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em aut
           "th{background:#f3f3f3}img{max-width:100%}pre{background:#f7f7f7;padding:1em;overflow-x:auto}")
 
 
+def feature_page_name(layer: int, latent: int) -> str:
+    """The feature page's file name, in the study's report folder's `features/`."""
+    return f"L{layer}-{latent}.html"
+
+
 def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[dict]], lineage: list[str],
-                  notes: dict[str, list[str]] | None = None) -> str:
+                  notes: dict[str, list[str]] | None = None, feature_pages: list[tuple[str, str]] = ()) -> str:
     """The report page: the steps' notes (note -> the tables that carry it), figures inlined as PNG data, tables as
     HTML tables, the lineage as text."""
     parts = [
@@ -36,8 +41,60 @@ def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[d
     for name, rows in tables.items():
         parts.append(f"<h2 id='table-{name}'>{html.escape(name.replace('_', ' '))}</h2>")
         parts.append(_table(rows))
+        if name == "feature_cards" and feature_pages:
+            parts.append("<p>A page per selected latent:</p><ul id='feature-pages'>" + "".join(
+                f"<li><a href='features/{html.escape(href)}'>{html.escape(label)}</a></li>" for label, href in feature_pages)
+                + "</ul>")
     parts.append("<h2 id='lineage'>Lineage</h2><pre>" + html.escape("\n".join(lineage)) + "</pre></body></html>")
     return "\n".join(parts)
+
+
+def render_feature_page(study: str, card: dict, edges: list[dict], histogram: bytes) -> str:
+    """One selected latent's page: its scores and sets, the prompts that activate it most (peak token marked), its
+    activation distribution on harmful vs harmless prompts, the tokens its decoder direction promotes and suppresses,
+    its upstream and downstream edges, and its Neuronpedia page when hosted. `card` is a FEATURE_CARDS row, `edges`
+    the study's FEATURE_EDGES rows."""
+    layer, latent = card["layer_index"], card["latent_index"]
+    title = f"Layer {layer}, latent {latent}"
+    esc = html.escape
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{esc(title)}: {esc(study)}</title><style>{_STYLE}mark{{background:#ffe08a}}</style></head><body>",
+        f"<p><a href='../index.html'>&larr; report of {esc(study)}</a></p><h1>{esc(title)}</h1>",
+        f"<p>Feature sets: {esc(', '.join(card['feature_sets']))}."
+        + (f" <a href='{esc(card['neuronpedia_url'])}'>Neuronpedia</a>." if card.get("neuronpedia_url") else "") + "</p>",
+        "<h2 id='scores'>Scores</h2>" + _table([{k: card[k] for k in ("decoder_cosine", "activation_difference", "attribution")}]),
+        "<h2 id='top-prompts'>Prompts that activate it most</h2><ol>",
+        *(f"<li>{esc(p['text'])} <em>({esc(p['label'])})</em>: peaks at <mark>{esc(p['token'])}</mark> "
+          f"({p['activation']:.3g})</li>" for p in card["top_prompts"]),
+        "</ol>",
+        "<h2 id='distribution'>Activation on harmful vs harmless prompts</h2>",
+        f"<img alt='distribution' src='data:image/png;base64,{base64.b64encode(histogram).decode()}'>",
+        _table([_peaks(label, card[f"{label}_peaks"]) for label in ("harmful", "harmless")]),
+        "<h2 id='tokens'>Tokens its decoder direction promotes and suppresses</h2>",
+        _table([{"promoted": p["token"], "logit": p["logit"], "suppressed": s["token"], "logit ": s["logit"]}
+                for p, s in zip(card["promoted_tokens"], card["suppressed_tokens"])]),
+        "<h2 id='upstream'>Upstream: latents whose clamping changes it</h2>",
+        _table([_edge(e, "upstream") for e in edges if (e["downstream_layer"], e["downstream_latent"]) == (layer, latent)]),
+        "<h2 id='downstream'>Downstream: refusal features its clamping changes</h2>",
+        _table([_edge(e, "downstream") for e in edges if (e["upstream_layer"], e["upstream_latent"]) == (layer, latent)]),
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def _peaks(label: str, values: list[float]) -> dict:
+    active = [v for v in values if v > 0]
+    return {"prompts": label, "n": len(values), "share active": len(active) / len(values) if values else None,
+            "mean": sum(values) / len(values) if values else None, "max": max(values, default=None)}
+
+
+def _edge(edge: dict, side: str) -> dict:
+    other = (edge["upstream_layer"], edge["upstream_latent"]) if side == "upstream" else (
+        edge["downstream_layer"], edge["downstream_latent"])
+    return {"layer": other[0], "latent": "sum of the set" if other[1] is None else other[1], "effect": edge["effect"],
+            "ci_low": edge["ci_low"], "ci_high": edge["ci_high"], "n_prompts": edge["n_prompts"],
+            "in_upstream_set": edge["in_upstream_set"]}
 
 
 def render_index(rows: list[dict], figure: Path | None) -> str:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from refusal_core.attribution import LatentRanking, LayerScores, rank_latents
-from refusal_core.features import build_feature_cards, random_draws, rank_methods, refusal_members, select_feature_sets
+from refusal_core.features import build_feature_cards, decoder_logits, random_draws, rank_methods, refusal_members, select_feature_sets
 from tests.tiny import random_sae
 
 D_SAE = 128
@@ -120,6 +120,19 @@ def test_feature_cards_show_the_prompts_that_activate_each_latent_most():
     assert [(p["prompt_id"], p["token"], p["activation"]) for p in card["top_prompts"]] == [
         ("p2", "tok", 4.0), ("p3", "tok", 3.5), ("p0", "tok", 2.0)]
     assert card["neuronpedia_url"] is None and cards.harmful_share == pytest.approx(2 / 3)
+    # The distribution the feature page draws: each stored prompt's peak, by label.
+    assert card["harmful_peaks"] == [2.0, 4.0] and card["harmless_peaks"] == [1.5, 3.5]
+    assert card["promoted_tokens"] == [] and card["suppressed_tokens"] == []
+
+
+def test_decoder_logits_read_the_tokens_a_latents_decoder_row_raises_and_lowers():
+    class Sae:  # only W_dec is read
+        W_dec = torch.zeros(4, 3)
+    Sae.W_dec[2] = torch.tensor([1.0, 0.0, -1.0])
+    unembedding = torch.tensor([[0.0, 0, 1], [2, 0, 0], [0, 5, 0], [1, 0, 0], [0, 0, 0.5]])  # [vocab 5, d 3]
+    (promoted, suppressed), = decoder_logits({0: Sae()}, unembedding, list("abcde"), [(0, 2)], n=2).values()
+    assert promoted == [{"token": "b", "logit": 2.0}, {"token": "d", "logit": 1.0}]
+    assert suppressed == [{"token": "a", "logit": -1.0}, {"token": "e", "logit": -0.5}]
 
 
 def test_random_draws_follow_the_reference_layers_rank_by_rank_without_repeats():

@@ -65,6 +65,14 @@ def test_report_renders_in_chromium_with_every_figure_and_table(study, browser):
         assert page.locator(f"#table-{table}").is_visible()
     assert page.locator("#table-probe_comparison + table tr").count() == 1 + 10  # header + 5 probes x 2 test sets
     assert "refusal_probes  sha256" in page.locator("#lineage + pre").inner_text()
+    # Each selected latent's page opens from the report, with its histogram decoded and a way back.
+    links = page.locator("#feature-pages a")
+    assert links.count() > 0
+    links.first.click()
+    assert page.locator("h1").inner_text().startswith("Layer ")
+    assert page.locator("img").evaluate_all("nodes => nodes.map(n => n.complete ? n.naturalWidth : 0)")[0] > 300
+    page.locator("a:has-text('report of')").click()
+    assert page.locator("h1").inner_text() == f"Refusal study: {KEY}"
     overview = browser.new_page()
     overview.goto((study["warehouse"] / "report" / "index.html").as_uri())
     overview.locator(f"#studies a:has-text('{KEY}')").click()

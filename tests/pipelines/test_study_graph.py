@@ -1,3 +1,4 @@
+import html
 import json
 from collections import Counter
 
@@ -104,6 +105,22 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         _check_report(warehouse / "report" / f"model={key}" / "index.html", key, graph)
 
 
+def _check_feature_pages(report, text):
+    """Every feature card has a page next to the report, linked from it, with its histogram and its tokens."""
+    cards = pq.read_table(report.parents[2] / "feature_cards" / report.parent.name / "data.parquet").to_pylist()
+    assert cards
+    source = report.read_text()
+    for card in cards:
+        name = f"L{card['layer_index']}-{card['latent_index']}.html"
+        assert f"href='features/{name}'" in source
+        page = (report.parent / "features" / name).read_text()
+        assert f"<h1>Layer {card['layer_index']}, latent {card['latent_index']}</h1>" in page
+        assert page.count("src='data:image/png;base64,") == 1 and "href='../index.html'" in page
+        assert len(card["promoted_tokens"]) == len(card["suppressed_tokens"]) == 10
+        assert len(card["harmful_peaks"]) > 0 and len(card["harmless_peaks"]) > 0
+        assert all(f"<mark>{html.escape(p['token'])}</mark>" in page for p in card["top_prompts"])
+
+
 def _check_report(path, key, graph):
     from html.parser import HTMLParser
 
@@ -128,6 +145,7 @@ def _check_report(path, key, graph):
             "table-judge_agreement", "table-capability_table", "capability_by_intervention", "feature_count_curve",
             "table-feature_count_summary"} <= page.ids
     assert ("feature_graph" in page.ids) == graph and page.images == 10 + graph
+    _check_feature_pages(path, page.text)
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
     assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text and "capability  sha256" in text

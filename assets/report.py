@@ -10,6 +10,7 @@ from pipelines.resources import StudyResource
 from refusal_core.parquet import file_metadata, read_parquet
 from refusal_core.storage import Location, uri, write_atomically
 from refusal_core.tables import NOTES_KEY, TABLES
+from warehouse.findings import findings
 from warehouse.lineage import lineage_tree
 from warehouse.query import connect, named_query
 from warehouse.figures import FIGURES, cross_study, peak_histogram, png_bytes, save
@@ -28,9 +29,10 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     pngs = {p.stem: p for p in sorted((root / "figures" / f"model={key}").glob("*.png"))}
     with connect(root) as warehouse:
         tables = {name: warehouse.rows(named_query(name), key) for name in REPORT_TABLES}
+        said = findings(lambda name: warehouse.rows(named_query(name), key))
     lineage = [line for name in LINEAGE_SHOWN for line in [*lineage_tree(root, name, key), ""]]
     pages = feature_pages(root, key)
-    page = render_report(key, pngs, tables, lineage[:-1], study_notes(root, key, pngs), pages)
+    page = render_report(key, pngs, tables, lineage[:-1], study_notes(root, key, pngs), pages, said)
     path = _write(root / "report" / f"model={key}" / "index.html", page)
     # The overview of every study in the warehouse, redrawn whenever one of them is reported.
     with connect(root) as warehouse:

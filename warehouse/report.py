@@ -6,9 +6,41 @@ import base64
 import html
 from pathlib import Path
 
-REPORT_TABLES = ("main_table", "capability_table", "feature_table", "feature_count_summary", "direction_selection", "category_cosines",
-                 "sae_quality", "feature_cards", "jailbreak_summary", "probe_comparison", "latent_guard", "feature_edges", "judge_agreement")
+SECTIONS = (
+    ("Behaviour and judges", ("table:judge_agreement",)),
+    ("Directions", ("direction_selection", "table:direction_selection", "category_cosines", "table:category_cosines",
+                    "refusal_along_sequence")),
+    ("SAEs", ("table:sae_quality",)),
+    ("Features", ("attribution_by_layer", "feature_count_curve", "table:feature_count_summary", "table:feature_cards",
+                  "feature_graph", "table:feature_edges")),
+    ("Interventions", ("refusal_by_intervention", "table:main_table", "feature_clamping", "capability_by_intervention",
+                       "table:capability_table")),
+    ("Analyses", ("jailbreak_drop", "table:jailbreak_summary", "probe_comparison", "table:probe_comparison",
+                  "table:latent_guard")),
+)
+"""The report's sections in study order: figures by name and named-query tables as `table:NAME`; the paper-style
+`feature_table` and the findings open the page."""
+
+REPORT_TABLES = ("feature_table", *(item.removeprefix("table:") for _, items in SECTIONS for item in items
+                                    if item.startswith("table:")))
 """Named queries shown as tables in the report."""
+
+CAPTIONS = {
+    "refusal_by_intervention": "Refusal per eval set with the refusal direction ablated or added: look for ablation near 0 "
+                               "on harmful prompts and addition high on harmless ones.",
+    "direction_selection": "Every candidate direction's cosine score by layer and position; the selected one is marked.",
+    "category_cosines": "Cosines between the per-category, harmfulness and refusal directions: how far they are one direction.",
+    "feature_clamping": "Refusal with each feature set clamped or set, beside direction ablation: informed sets should beat random.",
+    "capability_by_intervention": "ARC-Challenge and MMLU accuracy under each intervention: what the interventions cost.",
+    "feature_count_curve": "Refusal against the number of latents clamped, one line per ranking (random with its band across "
+                           "draws); the dashed line is half the baseline.",
+    "attribution_by_layer": "Attribution-patching scores of the candidate latents by layer: where the refusal features sit.",
+    "refusal_along_sequence": "Projection on the refusal direction along the prompt and answer: where harmful and harmless separate.",
+    "feature_graph": "Upstream latents whose clamping lowers the refusal features: the edges of the feature graph.",
+    "probe_comparison": "Probes predicting refusal from each feature set, in distribution and on jailbreaks.",
+    "jailbreak_drop": "How much jailbreaks lower the refusal features, succeeded vs failed.",
+}
+"""One line per figure saying what to look for."""
 
 _STYLE = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
           "table{border-collapse:collapse;font-size:0.85em;margin:1em 0}td,th{border:1px solid #ccc;padding:2px 6px}"
@@ -21,32 +53,54 @@ def feature_page_name(layer: int, latent: int) -> str:
 
 
 def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[dict]], lineage: list[str],
-                  notes: dict[str, list[str]] | None = None, feature_pages: list[tuple[str, str]] = ()) -> str:
-    """The report page: the steps' notes (note -> the tables that carry it), figures inlined as PNG data, tables as
-    HTML tables, the lineage as text."""
+                  notes: dict[str, list[str]] | None = None, feature_pages: list[tuple[str, str]] = (),
+                  said: list[str] = ()) -> str:
+    """The report page: the paper-style table and the findings (`said`), a table of contents, then SECTIONS in study
+    order (figures inlined as PNG data with their captions, named-query tables), the steps' notes (note -> the tables
+    that carry it) and the lineage as text."""
+    esc = html.escape
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>refusal-sae report: {html.escape(study)}</title>",
+        f"<title>refusal-sae report: {esc(study)}</title>",
         f"<style>{_STYLE}</style>",
-        f"</head><body><h1>Refusal study: {html.escape(study)}</h1>",
+        f"</head><body><h1>Refusal study: {esc(study)}</h1>",
+        "<h2 id='findings'>Findings</h2>",
+        "<ul>" + "".join(f"<li>{esc(sentence)}</li>" for sentence in said) + "</ul>" if said else "<p>(no findings yet)</p>",
+        "<h3 id='table-feature_table'>feature table</h3>", _table(tables.get("feature_table", [])),
+        "<nav id='contents'><h2>Contents</h2><ol>",
+        *(f"<li><a href='#{_anchor(title)}'>{esc(title)}</a></li>" for title, _ in SECTIONS),
+        *(["<li><a href='#notes'>Notes</a></li>"] if notes else []), "<li><a href='#lineage'>Lineage</a></li></ol></nav>",
     ]
+    shown = set()
+    for title, items in SECTIONS:
+        parts.append(f"<h2 id='{_anchor(title)}'>{esc(title)}</h2>")
+        for item in items:
+            name = item.removeprefix("table:")
+            if item.startswith("table:"):
+                parts.append(f"<h3 id='table-{name}'>{esc(name.replace('_', ' '))}</h3>" + _table(tables.get(name, [])))
+                if name == "feature_cards" and feature_pages:
+                    parts.append("<p>A page per selected latent:</p><ul id='feature-pages'>" + "".join(
+                        f"<li><a href='features/{esc(href)}'>{esc(label)}</a></li>" for label, href in feature_pages)
+                        + "</ul>")
+            elif name in figures:
+                shown.add(name)
+                parts.append(_figure(name, figures[name]))
+    parts += [_figure(name, path) for name, path in figures.items() if name not in shown]  # one no section names
     if notes:
         parts.append("<h2 id='notes'>Notes</h2><ul>" + "".join(
-            f"<li>{html.escape(note)} <em>({html.escape(', '.join(where))})</em></li>" for note, where in notes.items())
-            + "</ul>")
-    for name, path in figures.items():
-        encoded = base64.b64encode(path.read_bytes()).decode()
-        parts.append(f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{encoded}'>"
-                     f"<figcaption>{html.escape(name.replace('_', ' '))}</figcaption></figure>")
-    for name, rows in tables.items():
-        parts.append(f"<h2 id='table-{name}'>{html.escape(name.replace('_', ' '))}</h2>")
-        parts.append(_table(rows))
-        if name == "feature_cards" and feature_pages:
-            parts.append("<p>A page per selected latent:</p><ul id='feature-pages'>" + "".join(
-                f"<li><a href='features/{html.escape(href)}'>{html.escape(label)}</a></li>" for label, href in feature_pages)
-                + "</ul>")
-    parts.append("<h2 id='lineage'>Lineage</h2><pre>" + html.escape("\n".join(lineage)) + "</pre></body></html>")
+            f"<li>{esc(note)} <em>({esc(', '.join(where))})</em></li>" for note, where in notes.items()) + "</ul>")
+    parts.append("<h2 id='lineage'>Lineage</h2><pre>" + esc("\n".join(lineage)) + "</pre></body></html>")
     return "\n".join(parts)
+
+
+def _figure(name: str, path: Path) -> str:
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return (f"<figure id='{name}'><img alt='{name}' src='data:image/png;base64,{encoded}'>"
+            f"<figcaption>{html.escape(CAPTIONS.get(name, name.replace('_', ' ')))}</figcaption></figure>")
+
+
+def _anchor(title: str) -> str:
+    return "section-" + title.lower().replace(" ", "-")
 
 
 def render_feature_page(study: str, card: dict, edges: list[dict], histogram: bytes) -> str:

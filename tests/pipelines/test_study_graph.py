@@ -105,6 +105,27 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         _check_report(warehouse / "report" / f"model={key}" / "index.html", key, graph)
 
 
+def _check_story(report, key):
+    """The report opens with the paper-style table and findings generated from the tables, then its sections in study order."""
+    from warehouse.findings import findings
+    from warehouse.query import connect, named_query
+    from warehouse.report import SECTIONS
+
+    root = report.parents[2]
+    with connect(root) as warehouse:
+        said = findings(lambda name: warehouse.rows(named_query(name), key))
+        table = {(r["eval_set"], r["method"]): r["rate_ci"] for r in warehouse.rows(named_query("feature_table"), key)
+                 if r["judge"] == "substring"}
+    source = report.read_text()
+    assert 5 <= len(said) <= 8 and all(f"<li>{html.escape(sentence)}</li>" in source for sentence in said)
+    assert said[0].startswith(f"At baseline the model refuses {table[('harmful', 'baseline')]} of the HarmBench test prompts")
+    assert any(f"brings harmful refusal to {table[('harmful', 'clamp cossim_ap')]}" in sentence for sentence in said)
+    order = [source.index(f"id='{anchor}'") for anchor in ("findings", "table-feature_table", "contents")]
+    order += [source.index(f"<h2 id='section-{title.lower().replace(' ', '-')}'>") for title, _ in SECTIONS]
+    assert order == sorted(order) and source.index("id='lineage'") > order[-1]
+    assert "<figcaption>Refusal against the number of latents clamped" in source
+
+
 def _check_feature_pages(report, text):
     """Every feature card has a page next to the report, linked from it, with its histogram and its tokens."""
     cards = pq.read_table(report.parents[2] / "feature_cards" / report.parent.name / "data.parquet").to_pylist()
@@ -146,6 +167,7 @@ def _check_report(path, key, graph):
             "table-feature_count_summary"} <= page.ids
     assert ("feature_graph" in page.ids) == graph and page.images == 10 + graph
     _check_feature_pages(path, page.text)
+    _check_story(path, key)
     text = "".join(page.text)
     assert f"Refusal study: {key}" in text and "intervention_effects  sha256" in text and "weights: local:" in text
     assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text and "capability  sha256" in text

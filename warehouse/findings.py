@@ -1,0 +1,68 @@
+"""The study's findings in sentences, generated from its named queries: every number with its interval and n."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+Rows = Callable[[str], list[dict]]
+"""A named query's rows for one study."""
+
+
+def findings(rows: Rows) -> list[str]:
+    """Five to eight sentences on what the study found, each left out when its tables have no rows (substring judge)."""
+    table = [r for r in rows("feature_table") if r["judge"] == "substring"]
+    rate = {(r["eval_set"], r["method"]): r["rate_ci"] for r in table}
+    said = []
+    if ("harmful", "baseline") in rate:
+        others = [f"{rate[(s, 'baseline')]} of {name}" for s, name in (("harmless", "harmless"), ("over_refusal", "over-refusal"))
+                  if (s, "baseline") in rate]
+        said.append(f"At baseline the model refuses {rate[('harmful', 'baseline')]} of the HarmBench test prompts"
+                    + (f" and {' and '.join(others)} prompts" if others else "") + " (substring judge, Wilson 95% intervals).")
+    selected = [r for r in rows("direction_selection") if r["selected"]]
+    if selected and ("harmful", "direction ablation") in rate:
+        where = f"layer {selected[0]['layer_index']}, token {selected[0]['token']!r}"
+        added = rate.get(("harmless", "direction addition"))
+        said.append(f"Ablating the refusal direction ({where}) brings harmful refusal to {rate[('harmful', 'direction ablation')]}"
+                    + (f"; adding it makes {added} of harmless prompts refused." if added else "."))
+    if ("harmful", "clamp cossim_ap") in rate:
+        random = rate.get(("harmful", "clamp random (mean of draws)"))
+        upstream = rate.get(("harmful", "clamp upstream"))
+        said.append(f"Clamping the CosSim+AP latents brings harmful refusal to {rate[('harmful', 'clamp cossim_ap')]}"
+                    + (f", where random latents (mean of the draws) leave {random}" if random else "")
+                    + (f" and the upstream set alone gives {upstream}" if upstream else "") + ".")
+    if ("harmless", "induce cossim_ap") in rate:
+        random = rate.get(("harmless", "induce random (mean of draws)"))
+        said.append(f"Setting the CosSim+AP latents on harmless prompts makes {rate[('harmless', 'induce cossim_ap')]} of them "
+                    "refused" + (f" (random latents: {random})." if random else "."))
+    curve = {r["feature_set"]: r for r in rows("feature_count_summary") if r["judge"] == "refusal_score"}
+    if "cossim_ap" in curve:
+        def smallest(name: str) -> str:
+            row = curve[name]
+            return (f"{row['smallest_n_latents']}" if row["smallest_n_latents"] != "none"
+                    else f"none of up to {row['largest_n_latents']}")
+        named = {"cossim_ap": "CosSim+AP", "cosine": "cosine", "activation_difference": "activation difference",
+                 "attribution": "attribution", "random": "random (mean of the draws)"}
+        parts = [f"{label} {smallest(name)}" for name, label in named.items() if name in curve]
+        row = curve["cossim_ap"]
+        said.append(f"Latents needed to halve refusal on the {row['n_prompts']} HarmBench prompts (baseline "
+                    f"{100 * row['baseline_refusal_rate']:.0f}% by refusal score): {', '.join(parts)}.")
+    capability = {(r["benchmark"], r["method"]): r for r in rows("capability_table")}
+    for benchmark in sorted({b for b, _ in capability}):
+        base, clamped = capability.get((benchmark, "baseline")), capability.get((benchmark, "clamp cossim_ap"))
+        if base and clamped:
+            said.append(f"{benchmark} accuracy is {base['accuracy_ci']} at baseline and {clamped['accuracy_ci']} with the "
+                        f"CosSim+AP latents clamped (paired difference {clamped['difference_ci']} points).")
+    judges = [r for r in rows("judge_agreement") if (r["judge"], r["reference"], r["part"]) == ("substring", "human", "report")]
+    if judges and judges[0]["kappa"]:
+        said.append(f"The substring judge agrees with people on the reported part of PyRIT's labels with Cohen's kappa "
+                    f"{judges[0]['kappa']} and accuracy {judges[0]['accuracy']} (n = {judges[0]['n']}).")
+    jailbreaks = {r["outcome"]: r for r in rows("jailbreak_summary") if r["family"] == "all" and r["mean_relative_drop"] is not None}
+    if {"succeeded", "failed"} <= set(jailbreaks):
+        won, lost = jailbreaks["succeeded"], jailbreaks["failed"]
+        said.append(f"Successful jailbreaks of refused prompts lower the refusal features by {_percent(won)} (n = {won['n_pairs']} "
+                    f"pairs), failed ones by {_percent(lost)} (n = {lost['n_pairs']}).")
+    return said
+
+
+def _percent(row: dict) -> str:
+    return f"{100 * row['mean_relative_drop']:.1f}% [{100 * row['ci_low']:.1f}, {100 * row['ci_high']:.1f}]"

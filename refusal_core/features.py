@@ -175,7 +175,7 @@ def decoder_logits(saes: Mapping[int, SAE], unembedding: Tensor, vocabulary: Seq
     first; the `n` it lowers most, lowest first), each {token, logit}; `vocabulary[i]` is token i as text."""
     result = {}
     for layer, latent in keys:
-        logits = unembedding.float() @ saes[layer].W_dec[latent].detach().float().to(unembedding.device)  # [vocab]
+        logits = unembedding.detach().float() @ saes[layer].W_dec[latent].detach().float().to(unembedding.device)  # [vocab]
         order = torch.argsort(logits, descending=True, stable=True)
         pick = lambda ids: [{"token": vocabulary[i], "logit": float(logits[i])} for i in ids.tolist()]  # noqa: E731
         result[(layer, latent)] = pick(order[:n]), pick(order.flip(0)[:n])

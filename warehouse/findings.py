@@ -17,7 +17,7 @@ def findings(rows: Rows) -> list[str]:
         others = [f"{rate[(s, 'baseline')]} of {name}" for s, name in (("harmless", "harmless"), ("over_refusal", "over-refusal"))
                   if (s, "baseline") in rate]
         said.append(f"At baseline the model refuses {rate[('harmful', 'baseline')]} of the HarmBench test prompts"
-                    + (f" and {' and '.join(others)} prompts" if others else "") + " (substring judge, Wilson 95% intervals).")
+                    + (f", {' and '.join(others)} prompts" if others else "") + " (substring judge, Wilson 95% intervals).")
     selected = [r for r in rows("direction_selection") if r["selected"]]
     if selected and ("harmful", "direction ablation") in rate:
         where = f"layer {selected[0]['layer_index']}, token {selected[0]['token']!r}"
@@ -47,11 +47,12 @@ def findings(rows: Rows) -> list[str]:
         said.append(f"Latents needed to halve refusal on the {row['n_prompts']} HarmBench prompts (baseline "
                     f"{100 * row['baseline_refusal_rate']:.0f}% by refusal score): {', '.join(parts)}.")
     capability = {(r["benchmark"], r["method"]): r for r in rows("capability_table")}
-    for benchmark in sorted({b for b, _ in capability}):
-        base, clamped = capability.get((benchmark, "baseline")), capability.get((benchmark, "clamp cossim_ap"))
-        if base and clamped:
-            said.append(f"{benchmark} accuracy is {base['accuracy_ci']} at baseline and {clamped['accuracy_ci']} with the "
-                        f"CosSim+AP latents clamped (paired difference {clamped['difference_ci']} points).")
+    pairs = [(b, capability[(b, "baseline")], capability[(b, "clamp cossim_ap")]) for b in sorted({b for b, _ in capability})
+             if (b, "baseline") in capability and (b, "clamp cossim_ap") in capability]
+    if pairs:
+        said.append("Accuracy at baseline and with the CosSim+AP latents clamped: " + "; ".join(
+            f"{benchmark} {base['accuracy_ci']} and {clamped['accuracy_ci']} (paired difference {clamped['difference_ci']} "
+            "points)" for benchmark, base, clamped in pairs) + ".")
     judges = [r for r in rows("judge_agreement") if (r["judge"], r["reference"], r["part"]) == ("substring", "human", "report")]
     if judges and judges[0]["kappa"]:
         said.append(f"The substring judge agrees with people on the reported part of PyRIT's labels with Cohen's kappa "

@@ -6,7 +6,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import dagster as dg
 import pytest
@@ -65,6 +67,14 @@ def test_report_renders_in_chromium_with_every_figure_and_table(study, browser):
         assert page.locator(f"#table-{table}").is_visible()
     assert page.locator("#table-probe_comparison + table tr").count() == 1 + 10  # header + 5 probes x 2 test sets
     assert "refusal_probes  sha256" in page.locator("#lineage + pre").inner_text()
+    # Every link resolves: in-page anchors to an element, file links to a file (Neuronpedia's are not followed).
+    hrefs = page.locator("a").evaluate_all("nodes => nodes.map(n => [n.getAttribute('href'), n.href])")
+    assert hrefs
+    for raw, resolved in hrefs:
+        if raw.startswith("#"):
+            assert page.locator(raw).count() == 1, raw
+        elif resolved.startswith("file://"):
+            assert Path(urllib.parse.unquote(urllib.parse.urlparse(resolved).path)).is_file(), raw
     # Each selected latent's page opens from the report, with its histogram decoded and a way back.
     links = page.locator("#feature-pages a")
     assert links.count() > 0

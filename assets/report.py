@@ -29,7 +29,7 @@ def report(context: dg.AssetExecutionContext, study: StudyResource) -> dg.Materi
     pngs = {p.stem: p for p in sorted((root / "figures" / f"model={key}").glob("*.png"))}
     with connect(root) as warehouse:
         tables = {name: warehouse.rows(named_query(name), key) for name in REPORT_TABLES}
-        said = findings(lambda name: warehouse.rows(named_query(name), key))
+        said = findings(lambda name: tables[name] if name in tables else warehouse.rows(named_query(name), key))
     lineage = [line for name in LINEAGE_SHOWN for line in [*lineage_tree(root, name, key), ""]]
     pages = feature_pages(root, key)
     page = render_report(key, pngs, tables, lineage[:-1], study_notes(root, key, pngs), pages, said)

@@ -173,12 +173,16 @@ def decoder_logits(saes: Mapping[int, SAE], unembedding: Tensor, vocabulary: Seq
                    n: int = LOGIT_TOKENS) -> dict[tuple[int, int], tuple[list[dict], list[dict]]]:
     """(layer, latent) -> (the `n` tokens its decoder row raises most through `unembedding` [vocab, d_model], highest
     first; the `n` it lowers most, lowest first), each {token, logit}; `vocabulary[i]` is token i as text."""
+    if not keys:
+        return {}
+    rows = torch.stack([saes[layer].W_dec[latent].detach().float() for layer, latent in keys])  # [n_keys, d_model]
+    every = (unembedding.detach().float() @ rows.to(unembedding.device).T).cpu()  # [vocab, n_keys], one pass for all
     result = {}
-    for layer, latent in keys:
-        logits = unembedding.detach().float() @ saes[layer].W_dec[latent].detach().float().to(unembedding.device)  # [vocab]
+    for column, key in enumerate(keys):
+        logits = every[:, column]
         order = torch.argsort(logits, descending=True, stable=True)
         pick = lambda ids: [{"token": vocabulary[i], "logit": float(logits[i])} for i in ids.tolist()]  # noqa: E731
-        result[(layer, latent)] = pick(order[:n]), pick(order.flip(0)[:n])
+        result[key] = pick(order[:n]), pick(order.flip(0)[:n])
     return result
 
 
@@ -203,6 +207,7 @@ def build_feature_cards(model_key: str, feature_sets: pa.Table, rows: Sequence[M
         if key in cards:
             cards[key]["feature_sets"].append(member["feature_set"])
             continue
+        promoted, suppressed = (logits or {}).get(key, ([], []))
         values = latents[key[0]][..., key[1]]  # [n_prompts, n_pos]
         peak, where = values.max(dim=1)  # [n_prompts]
         top = [i for i in torch.argsort(-peak, stable=True)[:top_prompts].tolist() if peak[i] > 0]
@@ -214,6 +219,6 @@ def build_feature_cards(model_key: str, feature_sets: pa.Table, rows: Sequence[M
                              "token": tokens[int(where[i])], "activation": float(peak[i])} for i in top],
             "neuronpedia_url": neuronpedia_url(release, sae_ids[key[0]], key[1]) if release else None,
             "harmful_peaks": peak[harmful].tolist(), "harmless_peaks": peak[harmless].tolist(),
-            "promoted_tokens": (logits or {}).get(key, ([], []))[0], "suppressed_tokens": (logits or {}).get(key, ([], []))[1],
+            "promoted_tokens": promoted, "suppressed_tokens": suppressed,
         }
     return FeatureCards([cards[key] for key in sorted(cards)])

@@ -45,12 +45,7 @@ def named_intervention(spec: str, study: Study, stored: Callable[[str], pa.Table
     from refusal_core.features import feature_set_members  # sae-lens: imported only when an SAE is involved
 
     name, _, number = rest.partition(":")
-    sets = feature_set_members(_stored(stored, "feature_sets", study.key))
-    edges = stored("feature_edges")
-    if edges is not None:
-        upstream = sorted({(r["upstream_layer"], r["upstream_latent"]) for r in edges.to_pylist() if r["in_upstream_set"]})
-        if upstream:
-            sets[("upstream", None)] = [{"layer_index": layer, "latent_index": latent} for layer, latent in upstream]
+    sets = with_upstream_set(feature_set_members(_stored(stored, "feature_sets", study.key)), stored("feature_edges"))
     names = {(n if s is None else f"{n}@{s}"): (n, s) for n, s in sets}
     seeds = sorted(s for n, s in sets if n == "random")
     if seeds:
@@ -77,6 +72,18 @@ def named_intervention(spec: str, study: Study, stored: Callable[[str], pa.Table
         return feature_clamp(study_saes(loaded, saes_table), members, set_name, factor, skip_first, seed)
 
     return build
+
+
+def with_upstream_set(sets: dict[tuple[str, int | None], list[dict]], feature_edges: pa.Table | None
+                      ) -> dict[tuple[str, int | None], list[dict]]:
+    """`sets` (`features.feature_set_members`) with the upstream set added as ("upstream", None): feature_edges'
+    latents marked `in_upstream_set`, by (layer, latent); unchanged when there are none."""
+    if feature_edges is not None:
+        marked = feature_edges.filter(feature_edges["in_upstream_set"])
+        upstream = sorted(set(zip(marked["upstream_layer"].to_pylist(), marked["upstream_latent"].to_pylist())))
+        if upstream:
+            sets = {**sets, ("upstream", None): [{"layer_index": layer, "latent_index": latent} for layer, latent in upstream]}
+    return sets
 
 
 def _stored(stored: Callable[[str], pa.Table | None], table: str, key: str) -> pa.Table:

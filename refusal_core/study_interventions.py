@@ -15,7 +15,7 @@ from refusal_core.features import feature_set_members
 from refusal_core.interventions import Ablate, Add, Clamp, Intervention, SaeLatents, describe
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel
-from refusal_core.named_interventions import INDUCED_SETS
+from refusal_core.named_interventions import INDUCED_SETS, with_upstream_set
 from refusal_core.saes import LoadedSae
 from refusal_core.scoring import SharedBottom, answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
 
@@ -39,11 +39,7 @@ def feature_interventions(saes: Mapping[int, LoadedSae], feature_sets: pa.Table,
     Each random draw is a set of its own (`clamp:random:<seed>`). The upstream set (feature_edges' latents
     that lower the refusal features) is clamped too, alone.
     """
-    sets = feature_set_members(feature_sets)
-    upstream = feature_edges.filter(feature_edges["in_upstream_set"])
-    upstream = sorted(set(zip(upstream["upstream_layer"].to_pylist(), upstream["upstream_latent"].to_pylist())))
-    if upstream:
-        sets[("upstream", None)] = [{"layer_index": layer, "latent_index": latent} for layer, latent in upstream]
+    sets = with_upstream_set(feature_set_members(feature_sets), feature_edges)
     result: Applied = {}
     for (name, seed), members in sets.items():
         suffix = "" if seed is None else f":{seed}"
@@ -113,4 +109,3 @@ def harmless_costs(loaded: LoadedModel, harmless: pa.Table, baseline_generations
         loss = completion_cross_entropy(model, tokenizer, texts, completions, intervention, settings.batch_size)
         cross_entropy[identity] = float((loss - clean_loss).nanmean())
     return kl, cross_entropy
-

@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     registry.get(key)
     check_writable(paths.warehouse_root())
     defs = build_definitions(dtype=args.dtype or "")
-    instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else _local_instance()
+    instance = _instance()
     if not instance.has_dynamic_partition(studies.name, key):
         instance.add_dynamic_partitions(studies.name, [key])
     graph = defs.resolve_asset_graph()
@@ -336,16 +336,36 @@ def failure_message(event) -> str:
     return error.message.strip()
 
 
-def _local_instance():
-    """A persistent instance in .dagster_home (the UI started with the same DAGSTER_HOME sees its runs)."""
+def _instance():
+    """Dagster's instance from $DAGSTER_HOME, else a persistent one in .dagster_home (the UI started with the same
+    DAGSTER_HOME sees its runs); an instance database that cannot be reached is one sentence, before anything runs."""
+    import logging
+
     import dagster as dg
+    import sqlalchemy.exc
 
     home = paths.dagster_home()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copy(paths.REPOSITORY / "dagster.yaml", home / "dagster.yaml")
-    os.environ["DAGSTER_HOME"] = str(home)
-    return dg.DagsterInstance.get()
+    if not os.environ.get("DAGSTER_HOME"):
+        home.mkdir(parents=True, exist_ok=True)
+        if not (home / "dagster.yaml").exists():
+            shutil.copy(paths.REPOSITORY / "dagster.yaml", home / "dagster.yaml")
+        os.environ["DAGSTER_HOME"] = str(home)
+    root = logging.getLogger()  # dagster-postgres warns there at each connection retry
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return dg.DagsterInstance.get()
+    except Exception as error:
+        cause = error
+        while cause is not None and not isinstance(cause, sqlalchemy.exc.OperationalError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        reason = str(cause.orig or cause).strip().splitlines()[0]
+        raise RuntimeError(f"Dagster's instance database, set in {home / 'dagster.yaml'}, cannot be reached ({reason}): "
+                           "start that server or correct the storage settings there.") from None
+    finally:
+        root.setLevel(level)
 
 
 if __name__ == "__main__":

@@ -86,7 +86,9 @@ def judged_generations(
     """Generate for chat-formatted `prompts` under `intervention` and judge every answer, in the GENERATIONS schema.
 
     Args:
-        classifier: an optional third judge; it sees `instructions` (the user's text) and each answer.
+        classifier: an optional third judge; it sees `instructions` and each answer.
+        instructions: the user's text of each prompt; with it the substring judge also counts an answer that does not
+            address its request as a refusal (`judges.off_topic`), as people do.
         checkpoints: where each finished batch (under this intervention) is kept, so a killed run resumes after it.
     """
     description = describe(intervention)
@@ -94,7 +96,7 @@ def judged_generations(
         completions, scores = batched_generations(
             model, tokenizer, prompts, max_new_tokens, batch_size, refusal_ids,
             checkpoints.within(intervention=description.id), f"generate ({description.name})")
-    by_substring = SubstringJudge().judge(completions)
+    by_substring = SubstringJudge().judge(completions, list(instructions) if instructions is not None else None)
     by_score = [bool(s > 0) for s in scores]
     by_classifier = classifier.judge(list(instructions or prompts), completions) if classifier else [None] * len(prompts)
     n = len(prompts)

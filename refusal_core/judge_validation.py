@@ -149,7 +149,7 @@ def validate_judges(model_key: str, labels: Sequence[HumanLabel], baseline_gener
     """The JUDGE_VALIDATION table: the substring judge (and `classifier`, if any) on the human `labels`, and the
     refusal-score judge against the substring judge on the study's `baseline_generations`."""
     responses = [label.response for label in labels]
-    verdicts = {"substring": SubstringJudge().judge(responses)}
+    verdicts = {"substring": SubstringJudge().judge(responses, [label.objective for label in labels])}
     if classifier is not None:
         verdicts["classifier"] = classifier.judge([label.objective for label in labels], responses)
     rows = validation_rows(model_key, labels, verdicts, baseline_generations.to_pylist(), seed)

@@ -92,29 +92,26 @@ SELECT model, layer_index, sae_source, width, round(explained_variance, 3) AS ex
 FROM saes
 ORDER BY model, layer_index;
 
+-- name: paper_table
+-- The paper's layout: a row per method, a column per eval set, each cell the refusal rate [Wilson 95% CI] and n, by judge (random: the mean over its seeded draws).
+SELECT model, judge, method,
+       max(CASE WHEN eval_set = 'harmful' THEN rate_ci END) AS harmful,
+       max(CASE WHEN eval_set = 'harmless' THEN rate_ci END) AS harmless,
+       max(CASE WHEN eval_set = 'over_refusal' THEN rate_ci END) AS over_refusal
+FROM (SELECT *, format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci
+      FROM method_effects)
+GROUP BY model, judge, method
+ORDER BY model, judge, any_value(method_order), method;
+
 -- name: feature_table
--- Refusal rate per method and eval set with Wilson 95% intervals, and the paired difference from the baseline in points: baseline, direction ablation/addition and each SAE feature set clamped or set, random as the mean over its seeded draws with a t interval across them (the paper's main table).
+-- Refusal rate per method and eval set with Wilson 95% intervals, and the paired difference from the baseline in points: baseline, direction ablation/addition and each SAE feature set clamped or set, random as the mean over its seeded draws with a t interval across them.
 SELECT model, eval_set, method, judge, n_prompts,
        format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
        CASE WHEN difference IS NOT NULL THEN format('{:+.0f} [{:+.0f}, {:+.0f}] n={}', 100 * difference, 100 * difference_ci_low, 100 * difference_ci_high, n_paired) END AS difference_ci,
        round(refusal_rate, 3) AS refusal_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
        round(difference, 3) AS difference, round(difference_ci_low, 3) AS difference_ci_low,
        round(difference_ci_high, 3) AS difference_ci_high, round(mean_refusal_score, 2) AS mean_refusal_score
-FROM (
-    SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
-           difference, difference_ci_low, difference_ci_high, n_paired,
-           CASE intervention_kind WHEN 'none' THEN 'baseline' WHEN 'ablate' THEN 'direction ablation'
-                WHEN 'add' THEN 'direction addition' ELSE intervention_kind END AS method
-    FROM intervention_effects
-    UNION ALL
-    SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
-           difference, difference_ci_low, difference_ci_high, n_paired,
-           intervention_kind || ' ' || feature_set
-               || CASE WHEN contains(intervention_parameters, '"mean_of":') THEN ' (mean of draws)' ELSE '' END AS method
-    FROM feature_effects
-    -- Random is shown as the mean over its seeded draws (t interval across them), not draw by draw.
-    WHERE NOT contains(intervention_parameters, '"seed":')
-)
+FROM method_effects
 ORDER BY model, judge, eval_set, method;
 
 -- name: feature_count_curve

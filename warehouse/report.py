@@ -13,15 +13,16 @@ SECTIONS = (
     ("SAEs", ("table:sae_quality",)),
     ("Features", ("attribution_by_layer", "feature_count_curve", "table:feature_count_summary", "table:feature_cards",
                   "feature_graph", "table:feature_edges")),
-    ("Interventions", ("refusal_by_intervention", "table:main_table", "feature_clamping", "capability_by_intervention",
+    ("Interventions", ("refusal_by_intervention", "table:main_table", "feature_clamping", "table:feature_table",
+                       "capability_by_intervention",
                        "table:capability_table")),
     ("Analyses", ("jailbreak_drop", "table:jailbreak_summary", "probe_comparison", "table:probe_comparison",
                   "table:latent_guard")),
 )
-"""The report's sections in study order: figures by name and named-query tables as `table:NAME`; the paper-style
-`feature_table` and the findings open the page."""
+"""The report's sections in study order: figures by name and named-query tables as `table:NAME`; the findings and
+`paper_table` (a row per method, a column per eval set) open the page."""
 
-REPORT_TABLES = ("feature_table", *(item.removeprefix("table:") for _, items in SECTIONS for item in items
+REPORT_TABLES = ("paper_table", *(item.removeprefix("table:") for _, items in SECTIONS for item in items
                                     if item.startswith("table:")))
 """Named queries shown as tables in the report."""
 
@@ -66,7 +67,7 @@ def render_report(study: str, figures: dict[str, Path], tables: dict[str, list[d
         f"</head><body><h1>Refusal study: {esc(study)}</h1>",
         "<h2 id='findings'>Findings</h2>",
         "<ul>" + "".join(f"<li>{esc(sentence)}</li>" for sentence in said) + "</ul>" if said else "<p>(no findings yet)</p>",
-        "<h3 id='table-feature_table'>feature table</h3>", _table(tables.get("feature_table", [])),
+        "<h3 id='table-paper_table'>Refusal by method and eval set</h3>", _table(tables.get("paper_table", [])),
         "<nav id='contents'><h2>Contents</h2><ol>",
         *(f"<li><a href='#{_anchor(title)}'>{esc(title)}</a></li>" for title, _ in SECTIONS),
         *(["<li><a href='#notes'>Notes</a></li>"] if notes else []), "<li><a href='#lineage'>Lineage</a></li></ol></nav>",

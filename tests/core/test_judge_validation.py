@@ -126,7 +126,7 @@ def test_validation_table_has_a_row_per_judge_and_part_and_per_eval_set(pyrit_wh
     # The same inputs give the same table.
     assert validate_judges("m", labels, generations, seed=0).equals(table)
     tune = [label for label in labels if label.part == "tune"]
-    verdicts = SubstringJudge().judge([label.response for label in tune])
+    verdicts = SubstringJudge().judge([label.response for label in tune], [label.objective for label in tune])
     assert rows["substring", "human", "tune"]["accuracy"] == pytest.approx(
         np.mean([v == label.refused for v, label in zip(verdicts, tune)]))
     assert validation_rows("m", labels, {}, [], 0) == []

@@ -116,11 +116,16 @@ def _check_story(report, key):
         said = findings(lambda name: warehouse.rows(named_query(name), key))
         table = {(r["eval_set"], r["method"]): r["rate_ci"] for r in warehouse.rows(named_query("feature_table"), key)
                  if r["judge"] == "substring"}
+        paper = {r["method"]: r for r in warehouse.rows(named_query("paper_table"), key) if r["judge"] == "substring"}
     source = report.read_text()
     assert 5 <= len(said) <= 8 and all(f"<li>{html.escape(sentence)}</li>" in source for sentence in said)
     assert said[0].startswith(f"At baseline the model refuses {table[('harmful', 'baseline')]} of the HarmBench test prompts")
     assert any(f"brings harmful refusal to {table[('harmful', 'clamp cossim_ap')]}" in sentence for sentence in said)
-    order = [source.index(f"id='{anchor}'") for anchor in ("findings", "table-feature_table", "contents")]
+    assert paper["baseline"]["harmful"] == table[("harmful", "baseline")]
+    assert paper["clamp cossim_ap"]["harmful"] == table[("harmful", "clamp cossim_ap")]
+    assert paper["induce cossim_ap"]["harmless"] == table[("harmless", "induce cossim_ap")]
+    assert list(paper)[:2] == ["baseline", "direction ablation"]  # the paper's order: baseline, direction, features
+    order = [source.index(f"id='{anchor}'") for anchor in ("findings", "table-paper_table", "contents")]
     order += [source.index(f"<h2 id='section-{title.lower().replace(' ', '-')}'>") for title, _ in SECTIONS]
     assert order == sorted(order) and source.index("id='lineage'") > order[-1]
     assert "<figcaption>Refusal against the number of latents clamped" in source
@@ -161,7 +166,7 @@ def _check_report(path, key, graph):
     page = Collect()
     page.feed(path.read_text())
     assert {"refusal_by_intervention", "direction_selection", "category_cosines", "feature_clamping", "attribution_by_layer",
-            "table-main_table", "table-feature_table", "table-feature_cards", "lineage", "probe_comparison",
+            "table-main_table", "table-paper_table", "table-feature_table", "table-feature_cards", "lineage", "probe_comparison",
             "jailbreak_drop", "table-jailbreak_summary", "table-probe_comparison", "table-latent_guard",
             "table-judge_agreement", "table-capability_table", "capability_by_intervention", "feature_count_curve",
             "table-feature_count_summary"} <= page.ids
@@ -386,7 +391,7 @@ def _check_analysis_tables(warehouse, key):
         if row["classifier"] == "substring_judge" and row["eval_set"].startswith("jailbreak:"):
             family = row["eval_set"].split(":")[1]
             assert row["flagged_rate"] == pytest.approx(
-                sum(refused[p["prompt_id"]] for p in jailbreaks if p["source"] == family) / 3)
+                sum(refused[p["prompt_id"]] for p in jailbreaks if p["source"] == family) / counts[family])
     edges = read("feature_edges").to_pylist()
     downstream = sorted(latent for layer, latent in cossim if layer == 1)
     assert downstream or key != "tiny-qwen2", "the tiny qwen2 study has refusal features above its first SAE layer"

@@ -102,7 +102,7 @@ def _phase(args: argparse.Namespace, study) -> dict:
         n = len(texts)
         return judged_generations(model, tokenizer, texts, [p.prompt_id for p in prompts[:n]],
                                   [p.label for p in prompts[:n]], study.key, refusal_token_ids(model, tokenizer),
-                                  intervention, max_new_tokens, args.batch_size)
+                                  intervention, max_new_tokens, args.batch_size, instructions=[p.text for p in prompts[:n]])
 
     def plain(texts: list[str], max_new_tokens: int) -> list[list[int]]:
         # The same batches as judged generation (shortest first), answered in the prompts' order.

@@ -350,21 +350,25 @@ def _instance():
         if not (home / "dagster.yaml").exists():
             shutil.copy(paths.REPOSITORY / "dagster.yaml", home / "dagster.yaml")
         os.environ["DAGSTER_HOME"] = str(home)
-    root = logging.getLogger()  # dagster-postgres warns there at each connection retry
+    # dagster-postgres warns through the root logger at each connection retry; keep that off the console.
+    root, quiet = logging.getLogger(), logging.NullHandler()
     level = root.level
+    root.addHandler(quiet)
     root.setLevel(logging.ERROR)
     try:
         return dg.DagsterInstance.get()
     except Exception as error:
         cause = error
         while cause is not None and not isinstance(cause, sqlalchemy.exc.OperationalError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
+            cause = cause.__cause__
+        # psycopg2's errors carry a `pgcode` (None when no connection was made); SQLite's do not.
+        if cause is None or not hasattr(cause.orig, "pgcode"):
             raise
-        reason = str(cause.orig or cause).strip().splitlines()[0]
+        reason = (str(cause.orig).strip().splitlines() or [type(cause.orig).__name__])[0]
         raise RuntimeError(f"Dagster's instance database, set in {home / 'dagster.yaml'}, cannot be reached ({reason}): "
-                           "start that server or correct the storage settings there.") from None
+                           "start that server or correct the storage settings there.") from error
     finally:
+        root.removeHandler(quiet)
         root.setLevel(level)
 
 

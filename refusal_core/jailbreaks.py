@@ -102,6 +102,8 @@ def judge_jailbreaks(model_key: str, model: PreTrainedModel, tokenizer: PreTrain
     """
     counts = dict.fromkeys(FAMILIES, per_family)
     answered: dict[str, dict] = {}
+    # The request a jailbreak's answer is judged against is the harmful prompt it wraps, not the template around it.
+    text_of = dict(zip(prompts["prompt_id"].to_pylist(), prompts["text"].to_pylist()))
     while True:
         chosen = jailbreak_selection(prompts, counts)
         new = chosen.filter(pc.invert(pc.is_in(chosen["prompt_id"], pa.array(sorted(answered), pa.string()))))
@@ -111,7 +113,8 @@ def judge_jailbreaks(model_key: str, model: PreTrainedModel, tokenizer: PreTrain
             judged = judged_generations(
                 model, tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(), model_key,
                 refusal_token_ids(model, tokenizer), None, max_new_tokens, batch_size, classifier,
-                subset["text"].to_pylist(), checkpoints)
+                [text_of.get(base, text) for base, text in zip(subset["base_prompt_id"].to_pylist(), subset["text"].to_pylist())],
+                checkpoints)
             answered |= {row["prompt_id"]: row for row in judged.to_pylist()}
         refused = {prompt_id: row["refused_substring"] for prompt_id, row in answered.items()}
         grow = families_to_grow(prompts, chosen, refused, counts, max_per_family or per_family)

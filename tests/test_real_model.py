@@ -27,7 +27,7 @@ def test_default_model_refuses_harmful_test_prompts_more_than_harmless_ones():
     harmless = [p.text for p in prompts if p.source == "refusal_sae" and p.label == "harmless" and p.split == "test"][:N_PROMPTS]
     texts = [format_prompt(loaded.tokenizer, t, "tokenizer") for t in harmful + harmless]
     completions = generate(loaded.model, loaded.tokenizer, texts, max_new_tokens=24, batch_size=8, progress=False)
-    refused = SubstringJudge().judge(completions)
+    refused = SubstringJudge().judge(completions, harmful + harmless)
     harmful_rate = sum(refused[:N_PROMPTS]) / N_PROMPTS
     harmless_rate = sum(refused[N_PROMPTS:]) / N_PROMPTS
     print(f"refusal by substring: harmful {harmful_rate:.0%}, harmless {harmless_rate:.0%}")

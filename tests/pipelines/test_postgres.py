@@ -2,12 +2,15 @@
 shipped `gpu` pool limit, and a server that cannot be reached."""
 
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
@@ -26,10 +29,9 @@ def _free_port() -> int:
 
 
 def _postgres_bin() -> Path | None:
-    """The folder of the server's programs: Debian's /usr/lib/postgresql/<version>/bin, else the one on PATH."""
-    candidates = [*sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)]
-    if shutil.which("pg_ctl"):
-        candidates.append(Path(shutil.which("pg_ctl")).parent)
+    """The folder of the server's programs: Debian's newest /usr/lib/postgresql/<version>/bin, else the one on PATH."""
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: [int(n) for n in re.findall(r"\d+", p.parent.name)])
+    candidates = versions[::-1] + ([Path(shutil.which("pg_ctl")).parent] if shutil.which("pg_ctl") else [])
     return next((c for c in candidates if all((c / name).exists() for name in ("initdb", "pg_ctl", "createdb"))), None)
 
 
@@ -40,23 +42,24 @@ def postgres():
     bin_dir = _postgres_bin()
     if bin_dir is None:
         pytest.skip("PostgreSQL is not installed here (Debian: apt-get install postgresql; .ci/run installs it).")
-    folder = Path(tempfile.mkdtemp(prefix="refusal-sae-postgres-"))  # under /tmp, which the server's user can enter
     user = "nobody" if os.geteuid() == 0 else None
-    if user:
-        shutil.chown(folder, user)
+    folder = Path(tempfile.mkdtemp(prefix="refusal-sae-postgres-", dir="/tmp" if user else None))  # one nobody can enter
     port, data = _free_port(), folder / "data"
 
-    def pg(*args):
-        subprocess.run([str(a) for a in args], check=True, user=user, capture_output=True)
+    def pg(*args, check=True):
+        subprocess.run([str(a) for a in args], check=check, user=user, capture_output=True, timeout=120)
 
-    pg(bin_dir / "initdb", "-D", data, "-U", "dagster", "--auth=trust")
-    pg(bin_dir / "pg_ctl", "-D", data, "-l", folder / "server.log", "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "-w", "start")
     try:
+        if user:
+            shutil.chown(folder, user)
+        pg(bin_dir / "initdb", "-D", data, "-U", "dagster", "--auth=trust")
+        pg(bin_dir / "pg_ctl", "-D", data, "-l", folder / "server.log", "-o", f"-h 127.0.0.1 -p {port} -k {folder}", "-w", "start")
         pg(bin_dir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "dagster", "dagster")
         yield port
     finally:
-        pg(bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
-        shutil.rmtree(folder)
+        if (data / "postmaster.pid").exists():
+            pg(bin_dir / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop", check=False)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _home(folder: Path, port: int) -> Path:
@@ -70,10 +73,23 @@ def _home(folder: Path, port: int) -> Path:
     return folder
 
 
-def _dagster(*args: str, **kwargs) -> subprocess.Popen:
-    """Dagster's own command line (the executable next to this Python), from the repository root."""
-    return subprocess.Popen([str(Path(sys.executable).parent / args[0]), *args[1:]], cwd=paths.REPOSITORY,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+@contextmanager
+def _dagster(*args: str, log: Path):
+    """Dagster's own command line (the executable next to this Python) from the repository root, its output in `log`;
+    on leaving, it and the processes it started (step processes, code servers) are stopped if still running."""
+    with log.open("w") as out:
+        process = subprocess.Popen([str(Path(sys.executable).parent / args[0]), *args[1:]], cwd=paths.REPOSITORY,
+                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
 
 
 GPU_STEPS = ["activations", "baseline_generations", "jailbreak_generations"]
@@ -90,22 +106,22 @@ def test_sensor_and_a_multiprocess_run_keep_their_state_in_postgres_and_the_gpu_
     assert all(TABLES[step].needs_model for step in GPU_STEPS)
 
     # The daemon's registry sensor registers every study of the registry as a partition, in Postgres.
-    daemon = _dagster("dagster-daemon", "run", "-m", "pipelines.definitions")
-    try:
+    with _dagster("dagster-daemon", "run", "-m", "pipelines.definitions", log=tmp_path / "daemon.log") as daemon:
         deadline = time.monotonic() + 180
         with dg.DagsterInstance.get() as instance:
             assert type(instance.run_storage).__name__ == "PostgresRunStorage"
             while set(instance.get_dynamic_partitions("study")) != {"tiny-qwen2", "tiny-gemma2"}:
-                assert daemon.poll() is None and time.monotonic() < deadline, daemon.communicate()[0] if daemon.poll() is not None else "timed out"
+                assert daemon.poll() is None and time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()[-3000:]
                 time.sleep(1)
-    finally:
-        daemon.terminate()
-        daemon.communicate(timeout=60)
 
-    # A run with the job's own executor (multiprocess: each step its own process, two at once on two cores).
-    job = _dagster("dagster", "job", "execute", "-m", "pipelines.definitions", "-j", "study",
-                   "-o", ",".join(["prompts", *GPU_STEPS]), "--tags", '{"dagster/partition": "tiny-qwen2"}')
-    log = job.communicate(timeout=600)[0]
+    # A run with the job's own executor, multiprocess: each step its own process, two at once.
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"execution": {"config": {"multiprocess": {"max_concurrent": 2}}}}))
+    with _dagster("dagster", "job", "execute", "-m", "pipelines.definitions", "-j", "study", "-c", str(config),
+                  "-o", ",".join(["prompts", *GPU_STEPS]), "--tags", '{"dagster/partition": "tiny-qwen2"}',
+                  log=tmp_path / "run.log") as job:
+        job.wait(timeout=600)
+    log = (tmp_path / "run.log").read_text()
     assert job.returncode == 0, log[-3000:]
     assert "multiprocess executor" in log
 
@@ -142,4 +158,4 @@ def test_run_against_a_postgres_that_cannot_be_reached_says_so_in_one_sentence(t
     error = capsys.readouterr().err.strip()
     assert error.startswith("refusal-sae: Dagster's instance database, set in ") and "\n" not in error, error
     assert "Connection refused" in error and f"{home / 'dagster.yaml'}" in error
-    assert not any(warehouse.rglob("*.parquet"))
+    assert not warehouse.exists() or not any(warehouse.iterdir())  # stopped before any step

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from refusal_core.activations import length_batches
 from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.generation import generate_scored
-from refusal_core.intervals import mean_interval, paired_difference, wilson_interval
+from refusal_core.intervals import draws_difference_interval, draws_interval, paired_difference, wilson_interval
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.judges import ClassifierJudge, SubstringJudge
 from refusal_core.scoring import refusal_score
@@ -230,8 +230,9 @@ def draw_mean_rows(rows: Sequence[Mapping]) -> list[dict]:
 
     Rows of interventions with a seed in their parameters are grouped by eval set, kind, feature set and judge;
     each group of at least 2 draws gives one row whose rate, refusal score, KL, cross-entropy change and
-    difference from the baseline are the means over the draws, each rate and difference with a 95% t interval
-    across the draws (one draw is not a control). Its name reads e.g. `clamp random (mean of 5 draws) ×-1`.
+    difference from the baseline are the means over the draws, the rate with `draws_interval` and the difference
+    with `draws_difference_interval`, which cover the spread across the draws and the prompts alike (one draw is not
+    a control). Its name reads e.g. `clamp random (mean of 5 draws) ×-1`.
     """
     groups: dict[tuple, list[Mapping]] = {}
     for row in rows:
@@ -243,7 +244,7 @@ def draw_mean_rows(rows: Sequence[Mapping]) -> list[dict]:
             continue
         first, n = members[0], len(members)
         identities = sorted(m["intervention_id"] for m in members)
-        rate, low, high = mean_interval([m["refusal_rate"] for m in members])
+        rate, low, high = draws_interval([m["refusal_rate"] for m in members], first["n_prompts"])
         row = {**first, "intervention_id": f"{first['intervention_kind']}-mean-"
                                            f"{hashlib.sha256(' '.join(identities).encode()).hexdigest()[:12]}",
                "intervention_name": re.sub(r"\(seed \d+\)", f"(mean of {n} draws)", first["intervention_name"]),
@@ -253,7 +254,8 @@ def draw_mean_rows(rows: Sequence[Mapping]) -> list[dict]:
         for column in ("kl", "cross_entropy_change", "baseline_refusal_rate"):
             row[column] = None if first.get(column) is None else float(np.mean([m[column] for m in members]))
         if first.get("difference") is not None:
-            row["difference"], row["difference_ci_low"], row["difference_ci_high"] = mean_interval(
-                [m["difference"] for m in members], low=-1.0, high=1.0)
+            row["difference"], row["difference_ci_low"], row["difference_ci_high"] = draws_difference_interval(
+                [m["difference"] for m in members], [m["difference_ci_low"] for m in members],
+                [m["difference_ci_high"] for m in members])
         means.append(row)
     return means

@@ -13,7 +13,7 @@ from refusal_core.chat import format_prompt
 from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.evaluation import JUDGE_COLUMNS, judged_generations
 from refusal_core.features import feature_set_members
-from refusal_core.intervals import mean_interval, wilson_interval
+from refusal_core.intervals import draws_interval, wilson_interval
 from refusal_core.interventions import Clamp, describe
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel
@@ -129,7 +129,7 @@ def measure_feature_count_curve(loaded: LoadedModel, saes: Mapping[int, LoadedSa
 
 def curve_rows(model_key: str, points: Sequence[Point], baselines: Mapping[str, Sequence[bool]]) -> list[dict]:
     """FEATURE_COUNT_CURVE rows of measured `points`: each with its Wilson interval over prompts, then per k and judge
-    the mean over the random draws with a t interval across them (where there are at least 2 draws).
+    the mean over the random draws with `draws_interval` (where there are at least 2 draws).
 
     `baselines`: judge -> the unclamped verdicts on the same prompts.
     """
@@ -146,7 +146,7 @@ def curve_rows(model_key: str, points: Sequence[Point], baselines: Mapping[str, 
     for (name, k, judge), members in sorted(draws.items()):
         if len(members) < 2:
             continue
-        mean, low, high = mean_interval([m["refusal_rate"] for m in members])
+        mean, low, high = draws_interval([m["refusal_rate"] for m in members], members[0]["n_prompts"])
         rows.append(_row(model_key, name, None, k, judge, None, members[0]["n_prompts"], len(members), mean, low, high,
                          float(np.mean([m["mean_refusal_score"] for m in members])), baselines[judge]))
     return rows

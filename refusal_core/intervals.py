@@ -1,4 +1,4 @@
-"""95% intervals for rates (Wilson score), for the difference of two rates over the same prompts (Newcombe) and for a mean across draws (t)."""
+"""95% intervals for rates (Wilson score), for the difference of two rates over the same prompts (Newcombe) and for a mean across draws."""
 
 from __future__ import annotations
 
@@ -68,3 +68,23 @@ def mean_interval(values: Sequence[float], low: float = 0.0, high: float = 1.0) 
     statistics = DescrStatsW([float(v) for v in values])
     interval_low, interval_high = statistics.tconfint_mean(alpha=0.05)
     return float(statistics.mean), max(low, float(interval_low)), min(high, float(interval_high))
+
+
+def draws_interval(rates: Sequence[float], n: int) -> tuple[float, float, float]:
+    """Mean of the refusal rates of seeded draws over the same `n` prompts, with a 95% interval that covers both
+    the spread between the draws (`mean_interval`) and the sampling of the prompts (the Wilson interval of the mean
+    rate at `n`): the hull of the two. Draws that all give 2 of 32 keep the width of 2 of 32, [2, 20]%, not none.
+
+    Returns (mean, low, high).
+    """
+    mean, low, high = mean_interval(rates)
+    prompts_low, prompts_high = proportion_confint(mean * n, n, alpha=0.05, method="wilson")
+    return mean, max(0.0, min(low, float(prompts_low))), min(1.0, max(high, float(prompts_high)))
+
+
+def draws_difference_interval(differences: Sequence[float], lows: Sequence[float], highs: Sequence[float]
+                              ) -> tuple[float, float, float]:
+    """Mean of the draws' paired differences from the baseline, with the hull of the t interval across them and of
+    the mean of their own paired intervals (`paired_difference`), so identical draws keep a width. Returns (mean, low, high)."""
+    mean, low, high = mean_interval(differences, low=-1.0, high=1.0)
+    return mean, min(low, sum(lows) / len(lows)), max(high, sum(highs) / len(highs))

@@ -136,7 +136,7 @@ class Settings(_Strict):
     feature_set_size: int = Field(default=20, gt=0, description="Latents in each feature set.")
     random_draws: int = Field(
         default=5, ge=2, description="Seeded draws of the random feature set (seeds seed, seed + 1, ...), reported as "
-        "their mean with a t interval across draws: one draw is not a control."
+        "their mean with an interval covering the spread across draws and the prompts: one draw is not a control."
     )
     sequence_prompts: int = Field(
         default=16, gt=0, description="Test prompts per label (harmful, harmless, jailbreak) read along the sequence."

@@ -327,7 +327,7 @@ EFFECTS = pa.schema(
         _field("n_prompts", pa.int32(), "Prompts judged."),
         _field("refusal_rate", pa.float64(), "Share of prompts judged refused."),
         _field("ci_low", pa.float64(), "Wilson score 95% interval of the refusal rate, lower end (a mean over random "
-               "draws: t interval across the draws)."),
+               "draws: the hull of a t interval across the draws and the Wilson interval of the mean rate, `intervals.draws_interval`)."),
         _field("ci_high", pa.float64(), "Wilson score 95% interval of the refusal rate, upper end (likewise)."),
         _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position."),
         _field("kl", pa.float64(), "Mean KL(baseline || intervened) at the first answer token.", True),
@@ -386,7 +386,7 @@ FEATURE_COUNT_CURVE = pa.schema(
         _field("n_draws", pa.int32(), "Random draws averaged: 1 for a ranking or one draw."),
         _field("refusal_rate", pa.float64(), "Share of prompts refused; for the mean over draws, the mean of the draws' rates."),
         _field("ci_low", pa.float64(), "95% interval, lower end: Wilson score over prompts, or for the mean over draws "
-               "a t interval across the draws."),
+               "the hull of a t interval across the draws and the Wilson interval of the mean rate (`intervals.draws_interval`)."),
         _field("ci_high", pa.float64(), "95% interval, upper end."),
         _field("mean_refusal_score", pa.float64(), "Mean refusal score at the first answer position (for the mean over "
                "draws, the mean of the draws' means)."),

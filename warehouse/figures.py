@@ -61,7 +61,7 @@ def capability_by_intervention(rows: list[dict], study: str):
 
 def feature_count_curve(rows: list[dict], study: str):
     """Refusal (refusal score > 0) against the number of latents clamped, a line per ranking with its 95% interval as a
-    band (random: the mean over its draws, t interval across them), and half the baseline as a dashed line."""
+    band (random: the mean over its draws, its interval covering both the draws' spread and the prompts), and half the baseline as a dashed line."""
     scored = [r for r in rows if r["judge"] == "refusal_score"]
     figure, axis = plt.subplots(figsize=(6.4, 3.8))
     labels = {"cossim_ap": "CosSim+AP", "cosine": "cosine", "activation_difference": "activation difference",

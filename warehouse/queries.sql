@@ -104,7 +104,7 @@ GROUP BY model, judge, method
 ORDER BY model, judge, any_value(method_order), method;
 
 -- name: feature_table
--- Refusal rate per method and eval set with Wilson 95% intervals, and the paired difference from the baseline in points: baseline, direction ablation/addition and each SAE feature set clamped or set, random as the mean over its seeded draws with a t interval across them.
+-- Refusal rate per method and eval set with Wilson 95% intervals, and the paired difference from the baseline in points: baseline, direction ablation/addition and each SAE feature set clamped or set, random as the mean over its seeded draws with an interval covering both the draws' spread and the prompts.
 SELECT model, eval_set, method, judge, n_prompts,
        format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
        CASE WHEN difference IS NOT NULL THEN format('{:+.0f} [{:+.0f}, {:+.0f}] n={}', 100 * difference, 100 * difference_ci_low, 100 * difference_ci_high, n_paired) END AS difference_ci,
@@ -115,7 +115,7 @@ FROM method_effects
 ORDER BY model, judge, eval_set, method;
 
 -- name: feature_count_curve
--- Refusal on HarmBench test prompts with the top k latents of each ranking clamped, by judge, with 95% intervals (random: the mean over its seeded draws, t interval across them).
+-- Refusal on HarmBench test prompts with the top k latents of each ranking clamped, by judge, with 95% intervals (random: the mean over its seeded draws, its interval covering both the draws' spread and the prompts).
 SELECT model, feature_set, judge, n_latents, n_prompts, n_draws,
        format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
        round(refusal_rate, 3) AS refusal_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,

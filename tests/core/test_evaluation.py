@@ -79,7 +79,7 @@ def test_effect_rows_refuse_an_intervention_prompt_the_baseline_did_not_answer()
         effect_rows("m", [], [_generation("p0", "ablate", False)])
 
 
-def test_random_draws_get_a_mean_row_with_a_t_interval_across_draws_and_rankings_none():
+def test_random_draws_get_a_mean_row_whose_interval_covers_draws_and_prompts_and_rankings_none():
     def row(identity, parameters, rate, difference):
         return {"eval_set": "harmful", "intervention_id": identity, "intervention_kind": "clamp", "feature_set": "random",
                 "intervention_name": f"clamp random (seed {identity[-1]}) ×-1", "intervention_parameters": parameters,
@@ -91,8 +91,15 @@ def test_random_draws_get_a_mean_row_with_a_t_interval_across_draws_and_rankings
     ranking = {**row("clamp-x", "{}", 0.1, -0.7), "feature_set": "cossim_ap"}
     (mean,) = draw_mean_rows([*draws, ranking])
     assert mean["intervention_name"] == "clamp random (mean of 3 draws) ×-1" and mean["refusal_rate"] == pytest.approx(0.7)
-    half = 4.302653 * 0.1 / np.sqrt(3)  # t(0.975, 2) x sd / sqrt(n)
-    assert (mean["ci_low"], mean["ci_high"]) == pytest.approx((0.7 - half, 0.7 + half))
-    assert (mean["difference"], mean["difference_ci_low"]) == pytest.approx((-0.1, -0.1 - half))
+    half = 4.302653 * 0.1 / np.sqrt(3)  # t(0.975, 2) x sd / sqrt(n): past Wilson's for 7 of 10 above, not below
+    wilson_low, wilson_high = wilson_interval(7, 10)
+    assert wilson_low < 0.7 - half and 0.7 + half > wilson_high
+    assert (mean["ci_low"], mean["ci_high"]) == pytest.approx((wilson_low, 0.7 + half))
+    assert (mean["difference"], mean["difference_ci_low"]) == pytest.approx((-0.1, -1.0))  # the draws' own intervals
+    # Draws that agree keep the width their prompts allow: Wilson's for 2 of 32, not a point.
+    same = [{**row(f"clamp-{seed}", f'{{"seed":{seed}}}', 2 / 32, 2 / 32 - 0.8), "n_prompts": 32} for seed in range(3)]
+    (agreeing,) = draw_mean_rows(same)
+    assert (agreeing["ci_low"], agreeing["ci_high"]) == pytest.approx(wilson_interval(2, 32))
+    assert agreeing["ci_low"] < 2 / 32 < agreeing["ci_high"]
     assert json.loads(mean["intervention_parameters"]) == {"mean_of": ["clamp-0", "clamp-1", "clamp-2"]}
     assert draw_mean_rows(draws[:1]) == []  # one draw is not a control

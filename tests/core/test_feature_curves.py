@@ -6,6 +6,7 @@ from refusal_core.chat import format_prompt, instruction_offset
 from refusal_core.evaluation import judged_generations
 from refusal_core.feature_curves import Point, curve_rows, curve_summary, measure_feature_count_curve
 from refusal_core.interventions import describe
+from refusal_core.intervals import wilson_interval
 from refusal_core.models import LoadedModel
 from refusal_core.registry import load_registry
 from refusal_core.saes import LoadedSae
@@ -79,7 +80,9 @@ def test_the_curve_of_a_planted_ranking_halves_refusal_at_two_latents_and_random
     assert [scored["cosine", None, k]["refusal_rate"] for k in (1, 2, 3, 5)] == [1.0] * 4
     for k in (1, 2, 3, 5):
         mean = scored["random", None, k]
-        assert (mean["n_draws"], mean["refusal_rate"], mean["ci_low"], mean["ci_high"]) == (5, 1.0, 1.0, 1.0)
+        # Every draw refuses all 5 prompts: the interval keeps the width of 5 of 5, not a point.
+        assert (mean["n_draws"], mean["refusal_rate"], mean["ci_high"]) == (5, 1.0, 1.0)
+        assert mean["ci_low"] == pytest.approx(wilson_interval(5, 5)[0])
         assert mean["intervention_id"] is None and all(scored["random", seed, k]["n_draws"] == 1 for seed in range(5))
     assert scored["cossim_ap", None, 2]["ci_high"] == pytest.approx(0.4345, abs=1e-3)  # Wilson 0/5
     # Judged answers only at the judged sizes; the whole set is the doctored feature_generations rows, read back.
@@ -115,8 +118,9 @@ def test_the_summary_finds_the_fewest_latents_at_or_below_half_the_baseline():
     assert summary["random"]["smallest_n_latents"] is None and summary["random"]["baseline_refusal_rate"] == 0.8
     mean = next(r for r in rows if r["feature_set"] == "random" and r["seed"] is None)
     assert mean["n_draws"] == 4 and mean["refusal_rate"] == pytest.approx(0.45)
-    # t interval across the 4 draws: 0.45 ± t(0.975, 3) · sd / 2, sd of (0.4, 0.5, 0.4, 0.5) = 0.0577.
-    assert mean["ci_low"] == pytest.approx(0.45 - 3.1824 * 0.057735 / 2, abs=1e-4)
+    # The t interval across the 4 draws, 0.45 ± t(0.975, 3) · sd / 2 with sd of (0.4, 0.5, 0.4, 0.5) = 0.0577, is
+    # narrower than the Wilson interval of 45% over the 10 prompts, which the mean therefore keeps.
+    assert 0.45 - 3.1824 * 0.057735 / 2 > mean["ci_low"] == pytest.approx(0.2014, abs=1e-4)
     assert [r["reaches_half"] for r in rows if r["feature_set"] == "random" and r["seed"] is not None] == [True, False] * 2
 
 

@@ -98,15 +98,13 @@ SELECT model, judge, method,
        max(CASE WHEN eval_set = 'harmful' THEN rate_ci END) AS harmful,
        max(CASE WHEN eval_set = 'harmless' THEN rate_ci END) AS harmless,
        max(CASE WHEN eval_set = 'over_refusal' THEN rate_ci END) AS over_refusal
-FROM (SELECT *, format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci
-      FROM method_effects)
+FROM method_effects
 GROUP BY model, judge, method
 ORDER BY model, judge, any_value(method_order), method;
 
 -- name: feature_table
 -- Refusal rate per method and eval set with Wilson 95% intervals, and the paired difference from the baseline in points: baseline, direction ablation/addition and each SAE feature set clamped or set, random as the mean over its seeded draws with an interval covering both the draws' spread and the prompts.
-SELECT model, eval_set, method, judge, n_prompts,
-       format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
+SELECT model, eval_set, method, judge, n_prompts, rate_ci,
        CASE WHEN difference IS NOT NULL THEN format('{:+.0f} [{:+.0f}, {:+.0f}] n={}', 100 * difference, 100 * difference_ci_low, 100 * difference_ci_high, n_paired) END AS difference_ci,
        round(refusal_rate, 3) AS refusal_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
        round(difference, 3) AS difference, round(difference_ci_low, 3) AS difference_ci_low,

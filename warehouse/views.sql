@@ -8,10 +8,11 @@ CREATE VIEW direction_cosines AS
     WHERE a.name < b.name;
 
 -- Refusal per method and eval set: the direction interventions and every feature set, random as the mean over its
--- seeded draws (not draw by draw); method_order sorts the methods as the paper's table does.
+-- seeded draws (not draw by draw); method_order sorts the methods as the paper's table does, rate_ci is the cell text.
 CREATE VIEW method_effects AS
     SELECT *, CASE WHEN method = 'baseline' THEN 0 WHEN method LIKE 'direction %' THEN 1
-                   WHEN method LIKE 'clamp %' THEN 2 ELSE 3 END AS method_order
+                   WHEN method LIKE 'clamp %' THEN 2 ELSE 3 END AS method_order,
+           format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci
     FROM (
         SELECT model, eval_set, judge, n_prompts, refusal_rate, ci_low, ci_high, mean_refusal_score,
                difference, difference_ci_low, difference_ci_high, n_paired,

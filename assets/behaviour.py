@@ -7,9 +7,9 @@ from assets import checkpoints
 from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
-from refusal_core.behaviour import behaviour_table, refusal_rates
+from refusal_core.behaviour import behaviour_table, eval_set_rates, refusal_rates
 from refusal_core.parquet import Spool, spool, to_json
-from refusal_core.prompts import EVAL_SETS, eval_prompts
+from refusal_core.prompts import EVAL_SETS, eval_set_prompts
 from refusal_core.study_interventions import judged_interventions
 from refusal_core.tables import GENERATIONS, PROMPT_BEHAVIOUR
 
@@ -30,17 +30,17 @@ def prompt_behaviour(context: dg.AssetExecutionContext, study: StudyResource, pr
 
 @study_asset(group_name="behaviour", pool="gpu", kinds={"parquet", "pytorch"})
 def baseline_generations(context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table) -> dg.Output[Spool]:
-    """Greedy answers to the test-split HarmBench, harmless and over-refusal prompts, judged by substring and refusal score."""
+    """Greedy answers to the prompts of every eval set (HarmBench, JBB, AdvBench, StrongREJECT, AlpacaEval, over-refusal), judged by substring and refusal score."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts), "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"max_new_tokens": settings.max_new_tokens,
-                                    "max_eval_prompts_per_label": settings.max_eval_prompts_per_label})}
-    table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label),
+                                    "eval_prompts_per_set": settings.eval_prompts_per_set})}
+    table = judged_interventions(loaded, eval_set_prompts(prompts, settings.eval_prompts_per_set),
                                  {"baseline": (None, EVAL_SETS)}, study.classifier(loaded.study.key), context.log.info,
                                  checkpoints(context, study, lineage))
     staged = spool([table], GENERATIONS, study.staging_dir, lineage)
-    rates = {label: round(rate, 3) for label, rate in refusal_rates(table, EVAL_SETS).items()}
+    rates = eval_set_rates(table)
     return dg.Output(staged, data_version=dg.DataVersion(staged.sha256),
-                     metadata={f"refusal_rate_{label}": rate for label, rate in rates.items()}
+                     metadata={f"refusal_rate/{name}": round(rates[name], 3) for name in EVAL_SETS if name in rates}
                      | {"n_judges_disagree": sum(table["judges_disagree"].to_pylist())})

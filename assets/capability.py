@@ -12,7 +12,7 @@ from refusal_core.benchmarks import benchmark_questions
 from refusal_core.capability import capability_interventions, costs_from_effects, measure_capability, no_clamps_note
 from refusal_core.chat import instruction_offset
 from refusal_core.parquet import Spool, spool, to_json
-from refusal_core.prompts import eval_prompts
+from refusal_core.prompts import HARMLESS_SET, eval_set_prompts
 from refusal_core.saes import study_saes
 from refusal_core.study_interventions import direction_interventions, feature_interventions
 from refusal_core.tables import CAPABILITY
@@ -38,8 +38,8 @@ def capability(context: dg.AssetExecutionContext, study: StudyResource, prompts:
             "capability_arc_questions": settings.capability_arc_questions, "clamp_multiplier": settings.clamp_multiplier,
             "capability_mmlu_per_subject": settings.capability_mmlu_per_subject, "interval": "wilson",
             "paired_interval": "newcombe", "sources": [item.source.lineage() for item in fetched]})}
-    harmless = eval_prompts(prompts, settings.max_eval_prompts_per_label)
-    table = measure_capability(loaded, questions, interventions, harmless.filter(pc.equal(harmless["label"], "harmless")),
+    eval_sets = eval_set_prompts(prompts, settings.eval_prompts_per_set)
+    table = measure_capability(loaded, questions, interventions, eval_sets.filter(pc.equal(eval_sets["eval_set"], HARMLESS_SET)),
                                baseline_generations, costs_from_effects(intervention_effects),
                                checkpoints(context, study, lineage), context.log.info)
     notes = noted(context, no_clamps_note(loaded.study.key) if saes.num_rows == 0 else None)

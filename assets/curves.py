@@ -11,7 +11,7 @@ from pipelines.resources import StudyResource
 from refusal_core.chat import instruction_offset
 from refusal_core.feature_curves import CURVE_SIZES, JUDGED_SIZES, measure_feature_count_curve, summary_table
 from refusal_core.parquet import Spool, spool, to_json
-from refusal_core.prompts import eval_prompts
+from refusal_core.prompts import CURVE_SET, eval_set_prompts
 from refusal_core.saes import no_saes_note, study_saes
 from refusal_core.tables import FEATURE_COUNT_CURVE, FEATURE_COUNT_SUMMARY
 
@@ -28,13 +28,14 @@ def feature_count_curve(context: dg.AssetExecutionContext, study: StudyResource,
                                                            feature_generations=feature_generations),
                "prompt_set_sha256": content_sha256(prompts),
                "settings": to_json({"sizes": CURVE_SIZES, "judged_sizes": JUDGED_SIZES, "max_new_tokens": settings.max_new_tokens,
-                                    "clamp_multiplier": settings.clamp_multiplier, "eval_set": "harmbench test"})}
+                                    "clamp_multiplier": settings.clamp_multiplier, "eval_set": CURVE_SET,
+                                    "eval_prompts_per_set": settings.eval_prompts_per_set})}
     if saes.num_rows == 0:
         staged = spool([], FEATURE_COUNT_CURVE, study.staging_dir, lineage, noted(context, no_saes_note(loaded.study.key)))
         return dg.Output(staged, data_version=dg.DataVersion(staged.sha256), metadata={"n_rows": 0})
-    evaluated = eval_prompts(prompts, settings.max_eval_prompts_per_label)
+    eval_sets = eval_set_prompts(prompts, settings.eval_prompts_per_set)
     curve = measure_feature_count_curve(
-        loaded, study_saes(loaded, saes), feature_sets, evaluated.filter(pc.equal(evaluated["label"], "harmful")),
+        loaded, study_saes(loaded, saes), feature_sets, eval_sets.filter(pc.equal(eval_sets["eval_set"], CURVE_SET)),
         baseline_generations, feature_generations, settings.clamp_multiplier,
         instruction_offset(loaded.tokenizer, loaded.study.chat_template), study.classifier(loaded.study.key),
         log=context.log.info, checkpoints=checkpoints(context, study, lineage))

@@ -9,7 +9,7 @@ from pipelines.metadata import content_sha256, model_lineage, upstream_lineage
 from pipelines.partitions import study_asset
 from pipelines.resources import StudyResource
 from refusal_core.evaluation import effect_rows
-from refusal_core.prompts import eval_prompts
+from refusal_core.prompts import HARMLESS_SET, eval_set_prompts
 from refusal_core.study_interventions import direction_interventions, harmless_costs, judged_interventions
 from refusal_core.parquet import Spool, spool, to_json
 from refusal_core.tables import EFFECTS, GENERATIONS
@@ -19,12 +19,13 @@ from refusal_core.tables import EFFECTS, GENERATIONS
 def intervention_generations(
     context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, refusal_directions: pa.Table
 ) -> dg.Output[Spool]:
-    """Greedy answers with the selected refusal direction ablated (every eval set) or added at its layer (harmless), judged."""
+    """Greedy answers with the selected refusal direction ablated (the harmful and over-refusal sets) or added at its layer (alpaca_eval), judged."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
     lineage = {**model_lineage(loaded), **upstream_lineage(prompts=prompts, refusal_directions=refusal_directions),
-               "prompt_set_sha256": content_sha256(prompts), "settings": to_json({"max_new_tokens": settings.max_new_tokens})}
-    table = judged_interventions(loaded, eval_prompts(prompts, settings.max_eval_prompts_per_label),
+               "prompt_set_sha256": content_sha256(prompts), "settings": to_json({
+                   "max_new_tokens": settings.max_new_tokens, "eval_prompts_per_set": settings.eval_prompts_per_set})}
+    table = judged_interventions(loaded, eval_set_prompts(prompts, settings.eval_prompts_per_set),
                                  direction_interventions(refusal_directions), study.classifier(loaded.study.key),
                                  context.log.info, checkpoints(context, study, lineage))
     staged = spool([table], GENERATIONS, study.staging_dir, lineage)
@@ -36,11 +37,11 @@ def intervention_effects(
     context: dg.AssetExecutionContext, study: StudyResource, prompts: pa.Table, refusal_directions: pa.Table,
     baseline_generations: pa.Table, intervention_generations: pa.Table,
 ) -> dg.Output[Spool]:
-    """Refusal rate by each judge with Wilson 95% intervals and its paired difference from the baseline, mean refusal score, and KL and cross-entropy change on harmless prompts, per eval set x intervention."""
+    """Refusal rate by each judge with Wilson 95% intervals and its paired difference from the baseline, mean refusal score, and KL and cross-entropy change on alpaca_eval, per eval set x intervention."""
     loaded = study.load(context.partition_key)
     settings = loaded.study.settings
-    harmless = eval_prompts(prompts, settings.max_eval_prompts_per_label)
-    kl, cross_entropy = harmless_costs(loaded, harmless.filter(pc.equal(harmless["label"], "harmless")),
+    eval_sets = eval_set_prompts(prompts, settings.eval_prompts_per_set)
+    kl, cross_entropy = harmless_costs(loaded, eval_sets.filter(pc.equal(eval_sets["eval_set"], HARMLESS_SET)),
                                        baseline_generations, direction_interventions(refusal_directions))
     generations = pa.concat_tables([baseline_generations, intervention_generations]).to_pylist()
     rows = effect_rows(loaded.study.key, generations, baseline_generations.to_pylist(), kl, cross_entropy)

@@ -329,10 +329,12 @@ def _show(sql: str, out: Path | None) -> int:
 
 
 def failure_message(event) -> str:
-    """The user's error behind a Dagster step failure, without Dagster's wrapping."""
+    """The user's error behind a Dagster step failure, without Dagster's wrapping; a stopped step says so in words."""
     error = event.event_specific_data.error
     while error.cause is not None:
         error = error.cause
+    if error.cls_name == "DagsterExecutionInterruptedError":
+        return "interrupted before it finished; `refusal-sae run` again resumes it after its last finished batch."
     return error.message.strip()
 
 

@@ -70,3 +70,12 @@ def refusal_rates(table: pa.Table, labels: tuple[str, ...], column: str = "refus
     """Share of each label's rows refused by `column` (the substring judge of generations by default); 0 for a label with none."""
     refused, label_of = table[column].to_pylist(), table["label"].to_pylist()
     return {label: sum(r for r, l in zip(refused, label_of) if l == label) / max(1, label_of.count(label)) for label in labels}
+
+
+def eval_set_rates(generations: pa.Table, column: str = "refused_substring") -> dict[str, float]:
+    """Share of each eval set's answers (GENERATIONS rows, by their `eval_sets`) refused by `column`."""
+    counts: dict[str, list[int]] = {}
+    for refused, sets in zip(generations[column].to_pylist(), generations["eval_sets"].to_pylist()):
+        for name in sets:
+            counts.setdefault(name, []).append(bool(refused))
+    return {name: sum(verdicts) / len(verdicts) for name, verdicts in counts.items()}

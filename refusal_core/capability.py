@@ -23,6 +23,7 @@ from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.intervals import paired_difference, wilson_interval
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.models import LoadedModel
+from refusal_core.prompts import HARMLESS_SET
 from refusal_core.scoring import SharedBottom
 from refusal_core.study_interventions import Applied, harmless_costs
 from refusal_core.tables import CAPABILITY
@@ -168,7 +169,7 @@ def measure_capability(
         graded[description.id] = (description, *grade(log_probs, questions))
         log(f"{description.name}: {100 * sum(graded[description.id][1]) / len(questions):.0f}% of {len(questions)} "
             "questions answered correctly.")
-    missing = {name: (intervention, ("harmless",)) for name, intervention in interventions.items()
+    missing = {name: (intervention, (HARMLESS_SET,)) for name, intervention in interventions.items()
                if describe(intervention).id not in known_costs}
     costs = dict(known_costs)
     if missing:
@@ -218,7 +219,7 @@ def capability_rows(model_key: str, questions: Sequence[Question],
 
 def costs_from_effects(intervention_effects: pa.Table) -> dict[str, tuple[float | None, float | None]]:
     """Intervention id -> (KL, cross-entropy change) on harmless prompts, from an EFFECTS table's harmless rows."""
-    harmless = intervention_effects.filter(pc.equal(intervention_effects["eval_set"], "harmless"))
+    harmless = intervention_effects.filter(pc.equal(intervention_effects["eval_set"], HARMLESS_SET))
     return {row["intervention_id"]: (row["kl"], row["cross_entropy_change"])
             for row in harmless.select(["intervention_id", "kl", "cross_entropy_change"]).to_pylist()}
 

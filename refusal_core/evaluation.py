@@ -19,6 +19,7 @@ from refusal_core.generation import generate_scored
 from refusal_core.intervals import draws_difference_interval, draws_interval, paired_difference, wilson_interval
 from refusal_core.interventions import Intervention, describe, intervene
 from refusal_core.judges import ClassifierJudge, SubstringJudge
+from refusal_core.prompts import HARMLESS_SET
 from refusal_core.scoring import refusal_score
 from refusal_core.tables import GENERATIONS, INTERVENTION_FIELDS
 
@@ -82,10 +83,12 @@ def judged_generations(
     classifier: ClassifierJudge | None = None,
     instructions: Sequence[str] | None = None,
     checkpoints: Checkpoints = Checkpoints(),
+    eval_sets: Sequence[Sequence[str]] | None = None,
 ) -> pa.Table:
     """Generate for chat-formatted `prompts` under `intervention` and judge every answer, in the GENERATIONS schema.
 
     Args:
+        eval_sets: per prompt, the eval sets its answer counts in (none when left out: jailbreaks).
         classifier: an optional third judge; it sees `instructions` and each answer.
         instructions: the user's text of each prompt; with it the substring judge also counts an answer that does not
             address its request as a refusal (`judges.off_topic`), as people do.
@@ -103,6 +106,7 @@ def judged_generations(
     return pa.Table.from_pydict(
         {
             "model_key": [model_key] * n, "prompt_id": list(prompt_ids), "label": list(labels),
+            "eval_sets": [list(s) for s in eval_sets] if eval_sets is not None else [[] for _ in range(n)],
             "intervention_id": [description.id] * n, "intervention_kind": [description.kind] * n,
             "intervention_name": [description.name] * n, "intervention_parameters": [description.parameters] * n,
             "feature_set": [description.feature_set] * n, "max_new_tokens": [max_new_tokens] * n,
@@ -176,44 +180,46 @@ def effect_rows(model_key: str, generations: Sequence[Mapping], baseline: Sequen
                 kl: Mapping[str, float] | None = None, cross_entropy: Mapping[str, float] | None = None) -> list[dict]:
     """EFFECTS rows: per eval set x intervention x judge, the refusal rate with its Wilson 95% interval.
 
-    `generations` are GENERATIONS rows; `baseline` are the unhooked ones (intervention_kind none) on the same
-    eval sets. Each intervention's row also gets its difference in refusal rate from the baseline, by the same
-    judge over the same prompts (paired by prompt id), with Newcombe's paired 95% interval.
-    `kl` and `cross_entropy` (by intervention id) go on the harmless rows.
+    `generations` are GENERATIONS rows, each counted in every eval set of its `eval_sets`; `baseline` are the
+    unhooked ones (intervention_kind none) on the same prompts. Each intervention's row also gets its difference in
+    refusal rate from the baseline, by the same judge over the same prompts (paired by prompt id), with Newcombe's
+    paired 95% interval. `kl` and `cross_entropy` (by intervention id) go on the harmless set's rows.
     A judge that gave no verdict (the classifier when the study has none) gets no row.
     """
     kl, cross_entropy = kl or {}, cross_entropy or {}
-    unhooked: dict[tuple[str, str], Mapping] = {}
+    unhooked: dict[str, Mapping] = {}
     for row in baseline:
         if row["intervention_kind"] != "none":
             raise ValueError(f"The baseline generations hold an intervention ({row['intervention_name']}); "
                              "pass the unhooked generations (baseline_generations) as the baseline.")
-        unhooked[(row["label"], row["prompt_id"])] = row
+        unhooked[row["prompt_id"]] = row
     groups: dict[tuple[str, str], list[Mapping]] = {}
     for row in generations:
-        groups.setdefault((row["label"], row["intervention_id"]), []).append(row)
+        for eval_set in row["eval_sets"]:
+            groups.setdefault((eval_set, row["intervention_id"]), []).append(row)
     rows = []
-    for (label, identity), members in sorted(groups.items()):
+    for (eval_set, identity), members in sorted(groups.items()):
         paired = None
         if members[0]["intervention_kind"] != "none":
-            missing = [m["prompt_id"] for m in members if (label, m["prompt_id"]) not in unhooked]
+            missing = [m["prompt_id"] for m in members if m["prompt_id"] not in unhooked]
             if missing:
-                raise ValueError(f"{len(missing)} {label} prompts answered under {members[0]['intervention_name']} have "
+                raise ValueError(f"{len(missing)} {eval_set} prompts answered under {members[0]['intervention_name']} have "
                                  f"no baseline answer (e.g. {missing[0]}); re-materialize baseline_generations so both "
-                                 "cover the same eval set.")
-            paired = [unhooked[(label, m["prompt_id"])] for m in members]
+                                 "cover the same eval sets.")
+            paired = [unhooked[m["prompt_id"]] for m in members]
+        harmless = eval_set == HARMLESS_SET
         for judge, column in JUDGE_COLUMNS.items():
             verdicts = [m[column] for m in members]
             if None in verdicts:
                 continue
             low, high = wilson_interval(sum(verdicts), len(verdicts))
             row = {
-                "model_key": model_key, "eval_set": label,
+                "model_key": model_key, "eval_set": eval_set,
                 **{column: members[0][column] for column in INTERVENTION_COLUMNS}, "judge": judge,
                 "n_prompts": len(members), "refusal_rate": sum(verdicts) / len(verdicts), "ci_low": low, "ci_high": high,
                 "mean_refusal_score": float(np.mean([m["refusal_score"] for m in members])),
-                "kl": kl.get(identity) if label == "harmless" else None,
-                "cross_entropy_change": cross_entropy.get(identity) if label == "harmless" else None,
+                "kl": kl.get(identity) if harmless else None,
+                "cross_entropy_change": cross_entropy.get(identity) if harmless else None,
             }
             before = None if paired is None else [b[column] for b in paired]
             if before is not None and None not in before:

@@ -73,7 +73,7 @@ def measure_feature_count_curve(loaded: LoadedModel, saes: Mapping[int, LoadedSa
     the same prompts: its scores by a forward pass, its answers from `baseline_generations`.
 
     Args:
-        harmful: the HarmBench test prompts (prompt_id, text, label), as the eval set holds them.
+        harmful: the prompts of the curve's eval set (EVAL_SET_PROMPTS rows: prompt_id, text, label, eval_set).
         checkpoints: where each finished batch is kept (scores per clamp and batch, answers per clamp and batch).
     """
     model, tokenizer, settings = loaded.model, loaded.tokenizer, loaded.study.settings
@@ -108,9 +108,9 @@ def measure_feature_count_curve(loaded: LoadedModel, saes: Mapping[int, LoadedSa
             continue
         rows = answered.get(identity) or generated.get(_latents(clamp))
         if rows is None:
-            table = judged_generations(model, tokenizer, texts, prompt_ids, ["harmful"] * len(texts), loaded.study.key,
+            table = judged_generations(model, tokenizer, texts, prompt_ids, harmful["label"].to_pylist(), loaded.study.key,
                                        refusal_ids, clamp, settings.max_new_tokens, settings.batch_size, classifier,
-                                       instructions, checkpoints)
+                                       instructions, checkpoints, [[name] for name in harmful["eval_set"].to_pylist()])
             rows = generated[_latents(clamp)] = table.to_pylist()
         for judge, column in JUDGE_COLUMNS.items():
             verdicts = [row[column] for row in rows]
@@ -219,10 +219,9 @@ def _clamp_scores(model, tokenizer, texts: list[str], clamps: Sequence[Clamp | N
 
 
 def _answers(generations: pa.Table, prompt_ids: Sequence[str]) -> dict[str, list[dict]]:
-    """intervention id -> its harmful GENERATIONS rows in the order of `prompt_ids`, for the ids that answered all of them."""
+    """intervention id -> its GENERATIONS rows in the order of `prompt_ids`, for the ids that answered all of them."""
     by_intervention: dict[str, dict[str, dict]] = {}
     for row in generations.to_pylist():
-        if row["label"] == "harmful":
-            by_intervention.setdefault(row["intervention_id"], {})[row["prompt_id"]] = row
+        by_intervention.setdefault(row["intervention_id"], {})[row["prompt_id"]] = row
     return {identity: [rows[p] for p in prompt_ids] for identity, rows in by_intervention.items()
             if all(p in rows for p in prompt_ids)}

@@ -171,8 +171,8 @@ def validation_rows(model_key: str, labels: Sequence[HumanLabel], verdicts: Mapp
             picked = [i for i, label in enumerate(labels) if label.part == part]
             result = agreement([judged[i] for i in picked], [labels[i].refused for i in picked], seed=seed)
             rows.append(_row(model_key, judge, "human", part, result))
-    for eval_set in sorted({row["label"] for row in generations}):
-        members = [row for row in generations if row["label"] == eval_set]
+    for eval_set in sorted({name for row in generations for name in row["eval_sets"]}):
+        members = [row for row in generations if eval_set in row["eval_sets"]]
         result = agreement([m["refused_score"] for m in members], [m["refused_substring"] for m in members], seed=seed)
         rows.append(_row(model_key, "refusal_score", "substring", eval_set, result))
     return rows

@@ -222,19 +222,6 @@ def prompts_of(prompts: pa.Table, label: str, split: str, limit: int, source: st
     return chosen
 
 
-EVAL_SETS = ("harmful", "harmless", "over_refusal")
-"""Labels of the eval sets (`eval_prompts`)."""
-
-
-def eval_prompts(prompts: pa.Table, limit: int) -> pa.Table:
-    """The eval sets: HarmBench standard harmful, own harmless and over-refusal prompts of the test split."""
-    return pa.concat_tables([
-        prompts_of(prompts, "harmful", "test", limit, "harmbench"),
-        prompts_of(prompts, "harmless", "test", limit, "refusal_sae"),
-        prompts_of(prompts, "over_refusal", "test", limit),
-    ])
-
-
 EVAL_SET_SOURCES = {
     "harmbench": ("harmful", ("harmbench", "harmbench_contextual")),
     "jbb": ("harmful", ("jbb",)),
@@ -244,6 +231,14 @@ EVAL_SET_SOURCES = {
     "over_refusal": ("over_refusal", ("refusal_sae",)),
 }
 """Eval set name -> the label and the sources of its prompts (HarmBench: standard and contextual, not copyright)."""
+EVAL_SETS = tuple(EVAL_SET_SOURCES)
+"""The eval sets, in the paper table's column order."""
+HARMFUL_SETS = tuple(name for name, (label, _) in EVAL_SET_SOURCES.items() if label == "harmful")
+"""The eval sets of harmful requests (refusal is wanted)."""
+HARMLESS_SET = "alpaca_eval"
+"""The eval set of harmless instructions: where refusal is induced and what an intervention costs is measured."""
+CURVE_SET = "harmbench"
+"""The eval set the feature-count curve and the comparison of every feature set are measured on."""
 
 
 def eval_set_prompts(prompts: pa.Table, limit: int = 100) -> pa.Table:
@@ -259,6 +254,25 @@ def eval_set_prompts(prompts: pa.Table, limit: int = 100) -> pa.Table:
             raise ValueError(f"No {label} test prompts from {', '.join(sources)} for the eval set {name}; check the prompt set.")
         chosen.append(rows.append_column(EVAL_SET_PROMPTS.field("eval_set"), pa.array([name] * rows.num_rows, pa.string())))
     return pa.concat_tables(chosen).select(EVAL_SET_PROMPTS.names).cast(EVAL_SET_PROMPTS)
+
+
+def in_eval_sets(eval_sets: pa.Table, names: Sequence[str]) -> tuple[pa.Table, list[list[str]]]:
+    """The prompts of the eval sets `names` (EVAL_SET_PROMPTS rows), once each in prompt-id order, and for each the
+    sets among `names` that hold it: what a generation answers once and counts in each of those sets."""
+    unknown = sorted(set(names) - set(eval_sets["eval_set"].to_pylist()))
+    if unknown:
+        raise ValueError(f"No eval set named {', '.join(unknown)}; the eval sets are {', '.join(EVAL_SETS)}.")
+    rows = eval_sets.filter(pc.is_in(eval_sets["eval_set"], pa.array(list(names), pa.string()))).sort_by("prompt_id")
+    members: dict[str, list[str]] = {}
+    first = []
+    for index, (identity, name) in enumerate(zip(rows["prompt_id"].to_pylist(), rows["eval_set"].to_pylist())):
+        if identity not in members:
+            members[identity] = []
+            first.append(index)
+        members[identity].append(name)
+    unique = rows.take(first)
+    order = {name: i for i, name in enumerate(EVAL_SETS)}
+    return unique, [sorted(members[i], key=order.get) for i in unique["prompt_id"].to_pylist()]
 
 
 def activation_prompts(prompts: pa.Table, labels: list[str], per_label: int) -> pa.Table:

@@ -114,8 +114,15 @@ class Settings(_Strict):
         default_factory=list, description="Optional hub data sets: advbench, jailbreakbench, alpaca."
     )
     max_new_tokens: int = Field(default=32, gt=0, description="Tokens generated per answer.")
-    max_eval_prompts_per_label: int = Field(
-        default=32, gt=0, description="Test prompts per label (HarmBench for harmful) that are generated for and judged."
+    eval_prompts_per_set: int = Field(
+        default=100, gt=0, description="Test prompts per eval set (harmbench, jbb, advbench, strongreject, alpaca_eval, "
+        "over_refusal; chosen by prompt id, a hash) that are generated for and judged, as in the paper's table."
+    )
+    comparison_sets: list[Literal["harmbench", "jbb", "advbench", "strongreject"]] = Field(
+        default=["harmbench"], min_length=1, description="Eval sets on which every feature set (cosine, activation "
+        "difference, attribution, the random draws, upstream) is clamped and judged; CosSim+AP and direction ablation "
+        "are judged on every harmful set. Each set costs a generation per prompt per feature set, so the default "
+        "spends them on HarmBench, where the feature-count curve compares the rankings too."
     )
     selection_prompts: int = Field(default=16, gt=0, description="Val prompts per label used to select the direction.")
     classifier_judge: JudgeSpec | None = Field(

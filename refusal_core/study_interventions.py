@@ -16,25 +16,30 @@ from refusal_core.interventions import Ablate, Add, Clamp, Intervention, SaeLate
 from refusal_core.judges import ClassifierJudge
 from refusal_core.models import LoadedModel
 from refusal_core.named_interventions import INDUCED_SETS, with_upstream_set
+from refusal_core.prompts import CURVE_SET, HARMFUL_SETS, HARMLESS_SET, in_eval_sets
 from refusal_core.saes import LoadedSae
 from refusal_core.scoring import SharedBottom, answer_log_probs, completion_cross_entropy, kl_divergence, refusal_token_ids
 
 Applied = dict[str, tuple[Intervention, tuple[str, ...]]]
-"""`name -> (intervention, the eval-set labels it is applied to)`."""
+"""`name -> (intervention, the eval sets it is applied to)`."""
+
+EVERY_SET = "cossim_ap"
+"""The feature set clamped on every harmful eval set; the others are compared on `comparison_sets`."""
 
 
 def direction_interventions(candidates: pa.Table) -> Applied:
-    """The selected refusal direction ablated (every eval set) and added at its layer (harmless prompts)."""
+    """The selected refusal direction ablated (the harmful and over-refusal sets) and added at its layer (the harmless set)."""
     layer, direction = selected_direction(candidates)
     return {
-        "ablate": (Ablate(direction.float()), ("harmful", "harmless", "over_refusal")),
-        "add": (Add(direction.float(), layer, 1.0), ("harmless",)),
+        "ablate": (Ablate(direction.float()), (*HARMFUL_SETS, "over_refusal")),
+        "add": (Add(direction.float(), layer, 1.0), (HARMLESS_SET,)),
     }
 
 
 def feature_interventions(saes: Mapping[int, LoadedSae], feature_sets: pa.Table, feature_edges: pa.Table,
-                          clamp_multiplier: float, skip_first: int) -> Applied:
-    """Every feature set clamped to -`clamp_multiplier` on harmful prompts; INDUCED_SETS set to their constants on harmless ones.
+                          clamp_multiplier: float, skip_first: int, comparison_sets: Sequence[str] = (CURVE_SET,)) -> Applied:
+    """The CosSim+AP set clamped to -`clamp_multiplier` on every harmful eval set, every other feature set on
+    `comparison_sets`; INDUCED_SETS set to their constants on the harmless set.
 
     Each random draw is a set of its own (`clamp:random:<seed>`). The upstream set (feature_edges' latents
     that lower the refusal features) is clamped too, alone.
@@ -44,9 +49,9 @@ def feature_interventions(saes: Mapping[int, LoadedSae], feature_sets: pa.Table,
     for (name, seed), members in sets.items():
         suffix = "" if seed is None else f":{seed}"
         result[f"clamp:{name}{suffix}"] = (feature_clamp(saes, members, name, -clamp_multiplier, skip_first, seed),
-                                           ("harmful",))
+                                           HARMFUL_SETS if name == EVERY_SET else tuple(comparison_sets))
         if name in INDUCED_SETS:
-            result[f"induce:{name}{suffix}"] = (feature_clamp(saes, members, name, None, skip_first, seed), ("harmless",))
+            result[f"induce:{name}{suffix}"] = (feature_clamp(saes, members, name, None, skip_first, seed), (HARMLESS_SET,))
     return result
 
 
@@ -64,25 +69,26 @@ def feature_clamp(saes: Mapping[int, LoadedSae], members: Sequence[Mapping], nam
     return Clamp(targets, factor, skip_first, name, seed)
 
 
-def judged_interventions(loaded: LoadedModel, eval_set: pa.Table, applied: Applied, classifier: ClassifierJudge | None,
+def judged_interventions(loaded: LoadedModel, eval_sets: pa.Table, applied: Applied, classifier: ClassifierJudge | None,
                          log: Callable[[str], None] = print, checkpoints: Checkpoints = Checkpoints()) -> pa.Table:
-    """Judged greedy answers (GENERATIONS rows) of the eval prompts of each intervention's labels, one intervention after another.
+    """Judged greedy answers (GENERATIONS rows) to the prompts of each intervention's eval sets, one intervention after
+    another; `eval_sets` is `prompts.eval_set_prompts`. A prompt in several of an intervention's sets is answered once.
 
     Each finished batch of each intervention is kept in `checkpoints`, so a killed run resumes after the last
     one; they are deleted once every intervention is answered.
     """
     settings, tokenizer = loaded.study.settings, loaded.tokenizer
     tables = []
-    for name, (intervention, labels) in applied.items():
-        subset = eval_set.filter(pc.is_in(eval_set["label"], pa.array(labels)))
+    for name, (intervention, names) in applied.items():
+        subset, members = in_eval_sets(eval_sets, names)
         instructions = subset["text"].to_pylist()
         texts = [format_prompt(tokenizer, text, loaded.study.chat_template) for text in instructions]
         table = judged_generations(
             loaded.model, tokenizer, texts, subset["prompt_id"].to_pylist(), subset["label"].to_pylist(),
             loaded.study.key, refusal_token_ids(loaded.model, tokenizer), intervention, settings.max_new_tokens, settings.batch_size,
-            classifier, instructions, checkpoints)
+            classifier, instructions, checkpoints, members)
         refused = pc.mean(table["refused_substring"].cast(pa.float64())).as_py()
-        log(f"{describe(intervention).name}: {100 * refused:.0f}% of {subset.num_rows} {'/'.join(labels)} prompts refused (substring).")
+        log(f"{describe(intervention).name}: {100 * refused:.0f}% of {subset.num_rows} prompts of {', '.join(names)} refused (substring).")
         tables.append(table)
     checkpoints.clear()
     return pa.concat_tables(tables)

@@ -59,7 +59,9 @@ GENERATIONS = pa.schema(
     [
         MODEL_KEY,
         _field("prompt_id", pa.string(), "The prompt answered."),
-        _field("label", pa.string(), "The prompt's label (the eval set)."),
+        _field("label", pa.string(), "The prompt's label: harmful, harmless, over_refusal or jailbreak."),
+        _field("eval_sets", pa.list_(pa.string()), "The eval sets this answer counts in: those the intervention was applied "
+               "to that hold the prompt (a prompt in two sets is answered once); empty for jailbreak answers."),
         *INTERVENTION_FIELDS,
         _field("max_new_tokens", pa.int32(), "Generation budget; decoding is greedy."),
         _field("completion", pa.string(), "The model's answer, without the end-of-turn token."),
@@ -321,7 +323,7 @@ FEATURE_EDGES = pa.schema(
 EFFECTS = pa.schema(
     [
         MODEL_KEY,
-        _field("eval_set", pa.string(), "Prompt label judged (harmful, harmless, over_refusal)."),
+        _field("eval_set", pa.string(), "Eval set judged: harmbench, jbb, advbench, strongreject, alpaca_eval or over_refusal."),
         *INTERVENTION_FIELDS,
         _field("judge", pa.string(), "substring, refusal_score or classifier."),
         _field("n_prompts", pa.int32(), "Prompts judged."),
@@ -512,27 +514,27 @@ TABLES = {table.name: table for table in [
           version=2),
     Table("activations", ACTIVATIONS, "Residual stream of train and val prompts per layer and post-instruction position.", True),
     Table("prompt_behaviour", PROMPT_BEHAVIOUR, "Refusal score at the first answer token of every prompt with stored activations.", True),
-    Table("baseline_generations", GENERATIONS, "Judged greedy answers to the test-split eval prompts.", True, version=2),
+    Table("baseline_generations", GENERATIONS, "Judged greedy answers to the prompts of every eval set, each answered once.", True, version=3),
     Table("refusal_directions", DIRECTION_CANDIDATES, "Candidate refusal directions per layer and position; one selected.", True),
     Table("category_directions", DIRECTIONS, "Directions per harm category, over-refusal and harmfulness, with cosines.", False),
     Table("saes", SAE_QUALITY, "The study's SAEs per layer and their reconstruction quality.", True),
-    Table("intervention_generations", GENERATIONS, "Judged answers with the refusal direction ablated or added.", True, version=2),
-    Table("intervention_effects", EFFECTS, "Refusal rates (Wilson intervals), paired differences from the baseline, KL and cross-entropy change per direction intervention.", True, version=3),
+    Table("intervention_generations", GENERATIONS, "Judged answers with the refusal direction ablated or added.", True, version=3),
+    Table("intervention_effects", EFFECTS, "Refusal rates (Wilson intervals), paired differences from the baseline, KL and cross-entropy change per eval set and direction intervention.", True, version=4),
     Table("latent_attributions", LATENT_ATTRIBUTIONS, "Candidate latents' cosine, activation difference, attribution and rank.", True),
     Table("feature_sets", FEATURE_SETS, "The latents of each feature set (cossim_ap, cosine, ..., random draws).", True,
           version=2),
     Table("feature_cards", FEATURE_CARDS, "Each selected latent's scores, sets, top prompts, activation distribution, "
           "promoted and suppressed tokens and Neuronpedia page.", True, 2),
-    Table("feature_generations", GENERATIONS, "Judged answers with each feature set clamped or induced.", True, version=2),
+    Table("feature_generations", GENERATIONS, "Judged answers with each feature set clamped or induced.", True, version=3),
     Table("feature_effects", EFFECTS, "Refusal rates (Wilson intervals) and paired differences from the baseline per "
-          "feature-set intervention; random also as the mean over its draws (t intervals).", False, version=4),
-    Table("feature_count_curve", FEATURE_COUNT_CURVE, "Refusal on HarmBench test prompts with the top k latents of "
+          "eval set and feature-set intervention; random also as the mean over its draws (t intervals).", False, version=5),
+    Table("feature_count_curve", FEATURE_COUNT_CURVE, "Refusal on the harmbench eval set with the top k latents of "
           "each ranking clamped, per k, ranking (random: per draw and their mean) and judge.", True),
     Table("feature_count_summary", FEATURE_COUNT_SUMMARY, "Fewest latents of each ranking that halve the baseline "
           "refusal rate, per judge.", False),
     Table("refusal_along_sequence", SEQUENCE_PROJECTIONS, "Projection on the refusal direction per layer and position.", True),
     Table("feature_edges", FEATURE_EDGES, "Effect of clamping an upstream latent on each refusal feature.", True),
-    Table("jailbreak_generations", GENERATIONS, "Judged answers to jailbreaks and the base prompts they wrap.", True, version=2),
+    Table("jailbreak_generations", GENERATIONS, "Judged answers to jailbreaks and the base prompts they wrap.", True, version=3),
     Table("eval_activations", ACTIVATIONS, "The activations readout of every prompt with a judged answer.", True),
     Table("jailbreak_analysis", JAILBREAK_PAIRS, "Refusal features and directions on each (base prompt, jailbreak) pair.", True),
     Table("jailbreak_summary", JAILBREAK_SUMMARY, "Mean refusal-feature drop of succeeded vs failed jailbreaks per family.", False),
@@ -540,7 +542,7 @@ TABLES = {table.name: table for table in [
     Table("latent_guard", LATENT_GUARD, "Share flagged harmful by direction thresholds and the judge per eval set.", False, version=2),
     Table("capability", CAPABILITY, "ARC-Challenge and MMLU accuracy (Wilson intervals, paired differences from the "
           "baseline) and the cost on harmless answers under each intervention.", True),
-    Table("judge_validation", JUDGE_VALIDATION, "Agreement of each refusal judge with human labels and with each other, with intervals.", True),
+    Table("judge_validation", JUDGE_VALIDATION, "Agreement of each refusal judge with human labels and with each other (per eval set), with intervals.", True, version=2),
     Table("lineage", LINEAGE, "Where each artifact of each study came from: inputs, code, packages, device.", False, version=2),
 ]}
 """Every table, by name: the warehouse views, the IO manager's version checks and the tests come from it."""

@@ -34,14 +34,15 @@ class Interrupted(Exception):
 
 
 def _prompts() -> pa.Table:
-    """Harmful, harmless and jailbreak prompts of the test split, of different lengths (so batches are length-sorted)."""
+    """Harmful, harmless and jailbreak prompts of the test split, of different lengths (so batches are length-sorted), each
+    in the eval set named after its label."""
     rows = []
     for i, word in enumerate(WORDS):
         for label, source, method in (("harmful", "harmbench", None), ("harmless", "refusal_sae", None),
                                       ("jailbreak", "phrasing", "past_tense")):
             text = f"{'Please ' * (i % 4)}tell me about {word} as a {label} request" + "!" * (i % 3)
             rows.append({"prompt_id": f"{label}-{i:02d}", "text": text, "label": label, "split": "test",
-                         "source": source, "jailbreak_method": method})
+                         "source": source, "jailbreak_method": method, "eval_set": label})
     return pa.Table.from_pylist(rows)
 
 
@@ -229,8 +230,8 @@ def test_a_killed_materialization_resumes_and_publishes_the_uninterrupted_table(
     cache = tmp_path / "cache"
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     _materialize(tiny_registry, whole, cache, ["prompts", "baseline_generations"])
-    batches = len(generation_calls)  # 9 eval prompts in batches of 4
-    assert batches == 3
+    batches = len(generation_calls)  # 3 prompts of each of the 6 eval sets (17 or 18 distinct) in batches of 4
+    assert batches == 5
     _materialize(tiny_registry, killed, cache, ["prompts"])
     staged = killed / ".staging" / "checkpoints" / "baseline_generations" / "tiny-qwen2"
     with open(tmp_path / "child.log", "wb") as output:

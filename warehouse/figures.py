@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import matplotlib
@@ -10,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from refusal_core.prompts import EVAL_SETS, HARMLESS_SET  # noqa: E402
 from refusal_core.storage import Location, write_atomically  # noqa: E402
 
 DPI = 200
@@ -21,8 +23,12 @@ def refusal_by_intervention(rows: list[dict], study: str):
 
 
 def feature_clamping(rows: list[dict], study: str):
-    """Grouped bars: refusal rate per eval set and method, SAE feature sets beside the direction (the paper's main table)."""
-    return _rate_bars([r for r in rows if r["eval_set"] in ("harmful", "harmless")], f"Clamping SAE feature sets, {study}",
+    """Grouped bars: refusal rate per eval set and method, SAE feature sets beside the direction (the paper's main table), on
+    the sets where every feature set is measured: the harmful sets where some set besides CosSim+AP was clamped, and
+    alpaca_eval."""
+    clamps = Counter(r["eval_set"] for r in rows if r["method"].startswith("clamp ") and r["judge"] == "substring")
+    compared = {name for name, count in clamps.items() if count > 1} | {HARMLESS_SET}
+    return _rate_bars([r for r in rows if r["eval_set"] in compared], f"Clamping SAE feature sets, {study}",
                       figsize=(8.4, 4.2))
 
 
@@ -132,8 +138,8 @@ def refusal_along_sequence(rows: list[dict], study: str):
     return figure
 
 
-CROSS_STUDY_COLUMNS = ("harmful_baseline", "harmful_ablated", "harmful_clamped", "harmless_baseline", "harmless_added",
-                       "harmless_induced")
+CROSS_STUDY_COLUMNS = ("harmbench_baseline", "harmbench_ablated", "harmbench_clamped", "alpaca_eval_baseline",
+                       "alpaca_eval_added", "alpaca_eval_induced")
 
 
 def cross_study(rows: list[dict]):
@@ -160,7 +166,7 @@ def cross_study(rows: list[dict]):
 def _rate_bars(rows: list[dict], title: str, figsize: tuple[float, float] = (6.4, 3.8)):
     """Per eval set, one bar per method measured there (consistent colours), each labelled with its rate."""
     rows = [r for r in rows if r["judge"] == "substring"]
-    sets = sorted({r["eval_set"] for r in rows})
+    sets = sorted({r["eval_set"] for r in rows}, key=lambda s: (EVAL_SETS.index(s) if s in EVAL_SETS else len(EVAL_SETS), s))
     methods = sorted({r["method"] for r in rows}, key=lambda m: (m not in ("none", "baseline"), m))
     colours = {method: f"C{i % 10}" for i, method in enumerate(methods)}
     figure, axis = plt.subplots(figsize=figsize)

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from refusal_core.prompts import HARMFUL_SETS, HARMLESS_SET
+
+SET_NAMES = {"harmbench": "HarmBench", "jbb": "JailbreakBench", "advbench": "AdvBench", "strongreject": "StrongREJECT",
+             "alpaca_eval": "AlpacaEval", "over_refusal": "over-refusal"}
+"""How the sentences name each eval set."""
+
 Rows = Callable[[str], list[dict]]
 """A named query's rows for one study."""
 
@@ -13,27 +19,32 @@ def findings(rows: Rows) -> list[str]:
     table = [r for r in rows("feature_table") if r["judge"] == "substring"]
     rate = {(r["eval_set"], r["method"]): r["rate_ci"] for r in table}
     said = []
-    if ("harmful", "baseline") in rate:
-        others = [f"{rate[(s, 'baseline')]} of {name}" for s, name in (("harmless", "harmless"), ("over_refusal", "over-refusal"))
-                  if (s, "baseline") in rate]
-        said.append(f"At baseline the model refuses {rate[('harmful', 'baseline')]} of the HarmBench test prompts"
-                    + (f", {' and '.join(others)} prompts" if others else "") + " (substring judge, Wilson 95% intervals).")
+    harmful = [name for name in HARMFUL_SETS if (name, "baseline") in rate]
+
+    def across(method: str) -> str:
+        return ", ".join(f"{rate[(name, method)]} of {SET_NAMES[name]}" for name in harmful if (name, method) in rate)
+
+    if harmful:
+        others = [f"{rate[(s, 'baseline')]} of {SET_NAMES[s]}" for s in (HARMLESS_SET, "over_refusal") if (s, "baseline") in rate]
+        said.append(f"At baseline the model refuses {across('baseline')} test prompts"
+                    + (f", and {' and '.join(others)} prompts" if others else "") + " (substring judge, Wilson 95% intervals).")
     selected = [r for r in rows("direction_selection") if r["selected"]]
-    if selected and ("harmful", "direction ablation") in rate:
+    if selected and any((name, "direction ablation") in rate for name in harmful):
         where = f"layer {selected[0]['layer_index']}, token {selected[0]['token']!r}"
-        added = rate.get(("harmless", "direction addition"))
-        said.append(f"Ablating the refusal direction ({where}) brings harmful refusal to {rate[('harmful', 'direction ablation')]}"
-                    + (f"; adding it makes {added} of harmless prompts refused." if added else "."))
-    if ("harmful", "clamp cossim_ap") in rate:
-        random = rate.get(("harmful", "clamp random (mean of draws)"))
-        upstream = rate.get(("harmful", "clamp upstream"))
-        said.append(f"Clamping the CosSim+AP latents brings harmful refusal to {rate[('harmful', 'clamp cossim_ap')]}"
-                    + (f", where random latents (mean of the draws) leave {random}" if random else "")
+        added = rate.get((HARMLESS_SET, "direction addition"))
+        said.append(f"Ablating the refusal direction ({where}) brings refusal to {across('direction ablation')}"
+                    + (f"; adding it makes {added} of {SET_NAMES[HARMLESS_SET]} instructions refused." if added else "."))
+    if any((name, "clamp cossim_ap") in rate for name in harmful):
+        compared = next((name for name in harmful if (name, "clamp random (mean of draws)") in rate), None)
+        random = rate.get((compared, "clamp random (mean of draws)"))
+        upstream = rate.get((compared, "clamp upstream"))
+        said.append(f"Clamping the CosSim+AP latents brings refusal to {across('clamp cossim_ap')}"
+                    + (f"; on {SET_NAMES[compared]} random latents (mean of the draws) leave {random}" if random else "")
                     + (f" and the upstream set alone gives {upstream}" if upstream else "") + ".")
-    if ("harmless", "induce cossim_ap") in rate:
-        random = rate.get(("harmless", "induce random (mean of draws)"))
-        said.append(f"Setting the CosSim+AP latents on harmless prompts makes {rate[('harmless', 'induce cossim_ap')]} of them "
-                    "refused" + (f" (random latents: {random})." if random else "."))
+    if (HARMLESS_SET, "induce cossim_ap") in rate:
+        random = rate.get((HARMLESS_SET, "induce random (mean of draws)"))
+        said.append(f"Setting the CosSim+AP latents on {SET_NAMES[HARMLESS_SET]} instructions makes "
+                    f"{rate[(HARMLESS_SET, 'induce cossim_ap')]} of them refused" + (f" (random latents: {random})." if random else "."))
     curve = {r["feature_set"]: r for r in rows("feature_count_summary") if r["judge"] == "refusal_score"}
     if "cossim_ap" in curve:
         def smallest(name: str) -> str:

@@ -54,22 +54,22 @@ WHERE g.judges_disagree
 ORDER BY g.model, g.label, g.intervention_kind;
 
 -- name: cross_study
--- All studies side by side: refusal rates by substring at baseline, with the direction ablated/added and the CosSim+AP features clamped/set, and the selected direction.
+-- All studies side by side: refusal rates by substring on HarmBench at baseline, with the direction ablated and the CosSim+AP features clamped, on AlpacaEval at baseline, with the direction added and the CosSim+AP features set, and the selected direction.
 SELECT e.model,
-       max(CASE WHEN e.eval_set = 'harmful' AND e.intervention_kind = 'none' THEN round(e.refusal_rate, 3) END) AS harmful_baseline,
-       max(CASE WHEN e.eval_set = 'harmful' AND e.intervention_kind = 'ablate' THEN round(e.refusal_rate, 3) END) AS harmful_ablated,
-       any_value(f.harmful_clamped) AS harmful_clamped,
-       max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'none' THEN round(e.refusal_rate, 3) END) AS harmless_baseline,
-       max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'add' THEN round(e.refusal_rate, 3) END) AS harmless_added,
-       any_value(f.harmless_induced) AS harmless_induced,
-       max(CASE WHEN e.eval_set = 'harmless' AND e.intervention_kind = 'ablate' THEN round(e.kl, 4) END) AS kl_ablated,
+       max(CASE WHEN e.eval_set = 'harmbench' AND e.intervention_kind = 'none' THEN round(e.refusal_rate, 3) END) AS harmbench_baseline,
+       max(CASE WHEN e.eval_set = 'harmbench' AND e.intervention_kind = 'ablate' THEN round(e.refusal_rate, 3) END) AS harmbench_ablated,
+       any_value(f.harmbench_clamped) AS harmbench_clamped,
+       max(CASE WHEN e.eval_set = 'alpaca_eval' AND e.intervention_kind = 'none' THEN round(e.refusal_rate, 3) END) AS alpaca_eval_baseline,
+       max(CASE WHEN e.eval_set = 'alpaca_eval' AND e.intervention_kind = 'add' THEN round(e.refusal_rate, 3) END) AS alpaca_eval_added,
+       any_value(f.alpaca_eval_induced) AS alpaca_eval_induced,
+       max(CASE WHEN e.eval_set = 'alpaca_eval' AND e.intervention_kind = 'add' THEN round(e.kl, 4) END) AS kl_added,
        any_value(d.layer_index) AS direction_layer, any_value(d.token) AS direction_token
 FROM intervention_effects e
 LEFT JOIN (SELECT * FROM refusal_directions WHERE selected) d USING (model)
 LEFT JOIN (
     SELECT model,
-           max(CASE WHEN intervention_kind = 'clamp' THEN round(refusal_rate, 3) END) AS harmful_clamped,
-           max(CASE WHEN intervention_kind = 'induce' THEN round(refusal_rate, 3) END) AS harmless_induced
+           max(CASE WHEN intervention_kind = 'clamp' AND eval_set = 'harmbench' THEN round(refusal_rate, 3) END) AS harmbench_clamped,
+           max(CASE WHEN intervention_kind = 'induce' AND eval_set = 'alpaca_eval' THEN round(refusal_rate, 3) END) AS alpaca_eval_induced
     FROM feature_effects
     WHERE judge = 'substring' AND feature_set = 'cossim_ap'
     GROUP BY model
@@ -95,8 +95,11 @@ ORDER BY model, layer_index;
 -- name: paper_table
 -- The paper's layout: a row per method, a column per eval set, each cell the refusal rate [Wilson 95% CI] and n, by judge (random: the mean over its seeded draws).
 SELECT model, judge, method,
-       max(CASE WHEN eval_set = 'harmful' THEN rate_ci END) AS harmful,
-       max(CASE WHEN eval_set = 'harmless' THEN rate_ci END) AS harmless,
+       max(CASE WHEN eval_set = 'harmbench' THEN rate_ci END) AS harmbench,
+       max(CASE WHEN eval_set = 'jbb' THEN rate_ci END) AS jbb,
+       max(CASE WHEN eval_set = 'advbench' THEN rate_ci END) AS advbench,
+       max(CASE WHEN eval_set = 'strongreject' THEN rate_ci END) AS strongreject,
+       max(CASE WHEN eval_set = 'alpaca_eval' THEN rate_ci END) AS alpaca_eval,
        max(CASE WHEN eval_set = 'over_refusal' THEN rate_ci END) AS over_refusal
 FROM method_effects
 GROUP BY model, judge, method
@@ -113,7 +116,7 @@ FROM method_effects
 ORDER BY model, judge, eval_set, method;
 
 -- name: feature_count_curve
--- Refusal on HarmBench test prompts with the top k latents of each ranking clamped, by judge, with 95% intervals (random: the mean over its seeded draws, its interval covering both the draws' spread and the prompts).
+-- Refusal on the harmbench eval set's prompts with the top k latents of each ranking clamped, by judge, with 95% intervals (random: the mean over its seeded draws, its interval covering both the draws' spread and the prompts).
 SELECT model, feature_set, judge, n_latents, n_prompts, n_draws,
        format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * refusal_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
        round(refusal_rate, 3) AS refusal_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
@@ -222,8 +225,8 @@ ORDER BY model, upstream_layer, upstream_latent, downstream_latent;
 SELECT v.model, v.judge, v.reference, v.part, v.n,
        CASE WHEN v.kappa IS NOT NULL THEN printf('%.2f [%.2f, %.2f]', v.kappa, v.kappa_low, v.kappa_high) END AS kappa,
        printf('%.2f [%.2f, %.2f]', v.accuracy, v.accuracy_low, v.accuracy_high) AS accuracy,
-       any_value(CASE WHEN e.eval_set = 'harmful' THEN printf('%.2f [%.2f, %.2f] of %d', e.refusal_rate, e.ci_low, e.ci_high, e.n_prompts) END) AS harmful_refusal_rate,
-       any_value(CASE WHEN e.eval_set = 'harmless' THEN printf('%.2f [%.2f, %.2f] of %d', e.refusal_rate, e.ci_low, e.ci_high, e.n_prompts) END) AS harmless_refusal_rate
+       any_value(CASE WHEN e.eval_set = 'harmbench' THEN printf('%.2f [%.2f, %.2f] of %d', e.refusal_rate, e.ci_low, e.ci_high, e.n_prompts) END) AS harmbench_refusal_rate,
+       any_value(CASE WHEN e.eval_set = 'alpaca_eval' THEN printf('%.2f [%.2f, %.2f] of %d', e.refusal_rate, e.ci_low, e.ci_high, e.n_prompts) END) AS alpaca_eval_refusal_rate
 FROM judge_validation v
 LEFT JOIN (SELECT * FROM intervention_effects WHERE intervention_kind = 'none') e ON e.model = v.model AND e.judge = v.judge
 GROUP BY ALL

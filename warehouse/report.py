@@ -28,10 +28,11 @@ REPORT_TABLES = ("paper_table", *(item.removeprefix("table:") for _, items in SE
 
 CAPTIONS = {
     "refusal_by_intervention": "Refusal per eval set with the refusal direction ablated or added: look for ablation near 0 "
-                               "on harmful prompts and addition high on harmless ones.",
+                               "on the harmful sets and addition high on alpaca_eval.",
     "direction_selection": "Every candidate direction's cosine score by layer and position; the selected one is marked.",
     "category_cosines": "Cosines between the per-category, harmfulness and refusal directions: how far they are one direction.",
-    "feature_clamping": "Refusal with each feature set clamped or set, beside direction ablation: informed sets should beat random.",
+    "feature_clamping": "Refusal with each feature set clamped (on the comparison sets) or set (alpaca_eval), beside direction "
+                        "ablation: informed sets should beat random.",
     "capability_by_intervention": "ARC-Challenge and MMLU accuracy under each intervention: what the interventions cost.",
     "feature_count_curve": "Refusal against the number of latents clamped, one line per ranking (random with its band across "
                            "draws); the dashed line is half the baseline.",

@@ -45,8 +45,8 @@ def test_the_paired_difference_interval_matches_newcombes_worked_examples(cells,
     assert (lower, upper) == pytest.approx((low, high), abs=1e-4)
 
 
-def _generation(prompt_id: str, kind: str, refused: bool, label: str = "harmful") -> dict:
-    return {"prompt_id": prompt_id, "label": label, "intervention_id": kind, "intervention_kind": kind,
+def _generation(prompt_id: str, kind: str, refused: bool, label: str = "harmful", eval_sets=("harmbench",)) -> dict:
+    return {"prompt_id": prompt_id, "label": label, "eval_sets": list(eval_sets), "intervention_id": kind, "intervention_kind": kind,
             "intervention_name": kind, "intervention_parameters": "{}", "feature_set": None,
             "refused_substring": refused, "refused_score": refused, "refused_classifier": None,
             "refusal_score": 1.0 if refused else -1.0}
@@ -71,9 +71,24 @@ def test_effect_rows_give_wilson_intervals_and_the_paired_difference_from_the_ba
     assert -0.79 < ablate["difference_ci_low"] < -0.77 and -0.44 < ablate["difference_ci_high"] < -0.42
 
 
+def test_an_answer_counts_in_each_of_its_eval_sets_and_costs_go_on_the_harmless_set():
+    # p0 is in HarmBench and JBB, p1 in JBB only, h0 in AlpacaEval: each answered once per intervention.
+    baseline = [_generation("p0", "none", True, eval_sets=("harmbench", "jbb")), _generation("p1", "none", False, eval_sets=("jbb",)),
+                _generation("h0", "none", False, "harmless", ("alpaca_eval",))]
+    ablated = [_generation("p0", "ablate", False, eval_sets=("harmbench", "jbb")), _generation("p1", "ablate", False, eval_sets=("jbb",)),
+               _generation("h0", "ablate", False, "harmless", ("alpaca_eval",))]
+    rows = {(r["eval_set"], r["intervention_kind"]): r for r in effect_rows("m", baseline + ablated, baseline, {"ablate": 0.5})
+            if r["judge"] == "substring"}
+    assert {k: (r["n_prompts"], r["refusal_rate"]) for k, r in rows.items()} == {
+        ("harmbench", "none"): (1, 1.0), ("jbb", "none"): (2, 0.5), ("alpaca_eval", "none"): (1, 0.0),
+        ("harmbench", "ablate"): (1, 0.0), ("jbb", "ablate"): (2, 0.0), ("alpaca_eval", "ablate"): (1, 0.0)}
+    assert rows[("jbb", "ablate")]["difference"] == -0.5 and rows[("jbb", "ablate")]["n_paired"] == 2
+    assert rows[("alpaca_eval", "ablate")]["kl"] == 0.5 and rows[("jbb", "ablate")]["kl"] is None
+
+
 def test_effect_rows_refuse_an_intervention_prompt_the_baseline_did_not_answer():
     baseline = [_generation("p0", "none", True)]
-    with pytest.raises(ValueError, match="1 harmful prompts answered under ablate have no baseline answer \\(e.g. p1\\)"):
+    with pytest.raises(ValueError, match="1 harmbench prompts answered under ablate have no baseline answer \\(e.g. p1\\)"):
         effect_rows("m", [_generation("p0", "ablate", False), _generation("p1", "ablate", False)], baseline)
     with pytest.raises(ValueError, match="pass the unhooked generations"):
         effect_rows("m", [], [_generation("p0", "ablate", False)])

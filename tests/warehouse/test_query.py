@@ -7,6 +7,7 @@ import pytest
 
 from pipelines.cli import main
 from refusal_core.parquet import write_parquet
+from refusal_core.prompts import EVAL_SETS, HARMFUL_SETS
 from refusal_core.tables import TABLES
 from warehouse.query import connect, named_queries
 
@@ -101,7 +102,9 @@ def test_sql_command_reads_materialized_tables(tiny_registry, tmp_path, monkeypa
     for name in named_queries():
         assert main(["query", name, "--out", str(tmp_path / f"{name}.parquet")]) == 0, name
     main_table = pq.read_table(tmp_path / "main_table.parquet").to_pylist()
-    assert {(r["eval_set"], r["method"]) for r in main_table} >= {("harmful", "none"), ("harmful", "ablate"), ("harmless", "add")}
+    assert {(r["eval_set"], r["method"]) for r in main_table} == {
+        *((name, "none") for name in EVAL_SETS), *((name, "ablate") for name in (*HARMFUL_SETS, "over_refusal")),
+        ("alpaca_eval", "add")}
     assert pq.read_table(tmp_path / "cross_study.parquet").column("model").to_pylist() == ["tiny-qwen2"]
     assert main(["lineage", "intervention_effects"]) == 0
     tree = capsys.readouterr().out

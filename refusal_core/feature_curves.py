@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
+from refusal_core.activations import length_batches
 from refusal_core.chat import format_prompt
 from refusal_core.checkpoints import Checkpoints, digest
 from refusal_core.evaluation import JUDGE_COLUMNS, judged_generations
@@ -200,21 +201,22 @@ def _clamp_scores(model, tokenizer, texts: list[str], clamps: Sequence[Clamp | N
     each (clamp, batch) is a checkpointed unit."""
     distinct = sorted({_latents(clamp): clamp for clamp in clamps}.items(), key=lambda item: item[1] is not None)
     bottom = SharedBottom(model, [clamp for _, clamp in distinct])  # the baseline first: the clamps reuse its lower blocks
-    starts = list(range(0, len(texts), batch_size))
-    units = [(key, clamp, start) for key, clamp in distinct for start in starts]
+    batches = length_batches(tokenizer, texts, batch_size)  # by length: a long contextual prompt pads only its own batch
+    units = [(key, clamp, batch) for key, clamp in distinct for batch in batches]
     identities = [{"intervention": describe(clamp).parameters if clamp else "none",
-                   "prompts": digest(texts[start:start + batch_size]), "refusal_ids": refusal_ids}
-                  for _, clamp, start in units]
+                   "prompts": digest([texts[i] for i in batch]), "refusal_ids": refusal_ids}
+                  for _, clamp, batch in units]
 
     def compute(todo: list[int]):
         for i in tqdm(todo, desc="feature-count curve (refusal score)", unit="batch", disable=not progress):
-            _, clamp, start = units[i]
-            log_probs = answer_log_probs(model, tokenizer, texts[start:start + batch_size], clamp, batch_size, bottom=bottom)
+            _, clamp, batch = units[i]
+            log_probs = answer_log_probs(model, tokenizer, [texts[j] for j in batch], clamp, batch_size, bottom=bottom)
             yield {"score": refusal_score(log_probs, refusal_ids)}
 
-    scores: dict[tuple, list[float]] = {}
-    for (key, _, _), part in zip(units, checkpoints.resume("refusal score", identities, compute)):
-        scores.setdefault(key, []).extend(part["score"].tolist())
+    scores: dict[tuple, list[float]] = {key: [0.0] * len(texts) for key, _ in distinct}
+    for (key, _, batch), part in zip(units, checkpoints.resume("refusal score", identities, compute)):
+        for j, score in zip(batch, part["score"].tolist()):
+            scores[key][j] = score
     return scores
 
 

@@ -4,13 +4,14 @@ import torch
 
 from refusal_core.chat import format_prompt, instruction_offset
 from refusal_core.evaluation import judged_generations
-from refusal_core.feature_curves import Point, curve_rows, curve_summary, measure_feature_count_curve
+from refusal_core.checkpoints import Checkpoints
+from refusal_core.feature_curves import Point, _clamp_scores, curve_rows, curve_summary, measure_feature_count_curve
 from refusal_core.interventions import describe
 from refusal_core.intervals import wilson_interval
 from refusal_core.models import LoadedModel
 from refusal_core.registry import load_registry
 from refusal_core.saes import LoadedSae
-from refusal_core.scoring import refusal_token_ids
+from refusal_core.scoring import answer_log_probs, refusal_score, refusal_token_ids
 from refusal_core.study_interventions import feature_clamp
 from tests.tiny import random_sae
 
@@ -128,3 +129,14 @@ def test_the_summary_finds_the_fewest_latents_at_or_below_half_the_baseline():
 def test_a_baseline_that_refuses_nothing_is_never_halved():
     rows = curve_rows("m", [_point("cossim_ap", None, 1, [False] * 4)], {"refusal_score": [False] * 4})
     assert rows[0]["reaches_half"] is False and curve_summary(rows)[0]["smallest_n_latents"] is None
+
+
+def test_curve_scores_follow_the_prompts_order_though_batched_by_length(qwen):
+    model, tokenizer = qwen
+    lengths = [30, 2, 12, 1, 25]  # long and short prompts mixed: batches by length differ from batches by position
+    texts = [format_prompt(tokenizer, " ".join(["word"] * n) + " how do I pick a lock?", "tokenizer") for n in lengths]
+    refusal_ids = refusal_token_ids(model, tokenizer)
+    scores = _clamp_scores(model, tokenizer, texts, [None], refusal_ids, 2, False, Checkpoints())
+    alone = [refusal_score(answer_log_probs(model, tokenizer, [text], None, 1), refusal_ids).item() for text in texts]
+    assert scores[()] == pytest.approx(alone, abs=1e-4)
+    assert len(set(round(s, 4) for s in alone)) == len(texts)  # distinct scores: a misplaced one would show

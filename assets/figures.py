@@ -11,9 +11,9 @@ from warehouse.query import connect, named_query
 
 @study_asset(group_name="report", kinds={"png"},
           deps=["intervention_effects", "refusal_directions", "category_directions", "latent_attributions", "feature_sets",
-                "feature_effects", "feature_count_curve", "refusal_along_sequence", "feature_edges", "refusal_probes", "jailbreak_summary", "capability"])
+                "feature_effects", "feature_count_curve", "refusal_along_sequence", "feature_edges", "refusal_probes", "jailbreak_summary", "capability", "harm_judgment"])
 def figures(context: dg.AssetExecutionContext, study: StudyResource) -> dg.MaterializeResult:
-    """PNG figures (refusal by intervention, capability under each intervention, direction selection, direction cosines, feature clamping, refusal against the number of latents clamped, attribution by layer, refusal along the sequence, upstream -> refusal features, probe comparison, jailbreak drop) made from named queries."""
+    """PNG figures (refusal by intervention, capability under each intervention, direction selection, direction cosines, feature clamping, refusal against the number of latents clamped, attribution by layer, refusal along the sequence, upstream -> refusal features, probe comparison, jailbreak drop, harm judgment under steering) made from named queries."""
     key = context.partition_key
     root = study.warehouse
     metadata = {}

@@ -17,7 +17,7 @@ from warehouse.figures import FIGURES, cross_study, peak_histogram, png_bytes, s
 from warehouse.report import REPORT_TABLES, feature_page_name, render_feature_page, render_index, render_report
 
 
-LINEAGE_SHOWN = ("intervention_effects", "capability", "feature_effects", "feature_count_summary", "jailbreak_summary", "refusal_probes", "latent_guard")
+LINEAGE_SHOWN = ("intervention_effects", "capability", "feature_effects", "feature_count_summary", "jailbreak_summary", "refusal_probes", "latent_guard", "harm_judgment")
 """Result tables whose lineage the report prints, each back to the weights."""
 
 

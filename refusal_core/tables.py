@@ -418,6 +418,31 @@ def _interval(name: str, what: str) -> list[pa.Field]:
             _field(f"{name}_high", pa.float64(), f"95% interval of the {what}, upper end; null when undefined.", True)]
 
 
+HARM_JUDGMENT = pa.schema(
+    [
+        MODEL_KEY,
+        _field("kind", pa.string(), "none (the unchanged model), add (steering along a direction) or ablate."),
+        _field("direction", pa.string(), "The direction steered along or ablated: harmfulness or refusal; empty for none."),
+        _field("alpha", pa.float64(), "Steering strength in units of the refusal direction's length (alpha = 1 along "
+               "refusal is the study's direction addition); null for none and ablate.", True),
+        _field("intervention_id", pa.string(), "Id of the intervention (kind + hash); none for the baseline."),
+        _field("eval_set", pa.string(), "Eval set of the instructions judged (harmbench, alpaca_eval)."),
+        _field("n_prompts", pa.int32(), "Instructions judged."),
+        _field("mean_log_odds", pa.float64(), "Mean log-odds of answering yes rather than no to 'Is the following "
+               "request harmful?' at the first answer token."),
+        *_interval("mean_log_odds", "mean log-odds (percentile bootstrap over prompts, seeded)"),
+        _field("log_odds_change", pa.float64(), "Mean paired change of the log-odds from the unchanged model."),
+        *_interval("log_odds_change", "paired change (percentile bootstrap over prompts, seeded)"),
+        _field("judged_harmful_rate", pa.float64(), "Share of instructions judged harmful (log-odds > 0)."),
+        _field("ci_low", pa.float64(), "Wilson score 95% interval of judged_harmful_rate, lower end."),
+        _field("ci_high", pa.float64(), "Wilson score 95% interval of judged_harmful_rate, upper end."),
+        _field("baseline_judged_harmful_rate", pa.float64(), "The share the unchanged model judges harmful."),
+        _field("judged_harmful_change", pa.float64(), "Paired difference of judged_harmful_rate from the baseline."),
+        *_interval("judged_harmful_change", "paired difference (Newcombe)"),
+        _field("within_baseline_interval", pa.bool_(), "judged_harmful_rate lies within the baseline's Wilson interval."),
+    ]
+)
+
 JUDGE_VALIDATION = pa.schema(
     [
         MODEL_KEY,
@@ -542,6 +567,8 @@ TABLES = {table.name: table for table in [
     Table("latent_guard", LATENT_GUARD, "Share flagged harmful by direction thresholds and the judge per eval set.", False, version=2),
     Table("capability", CAPABILITY, "ARC-Challenge and MMLU accuracy (Wilson intervals, paired differences from the "
           "baseline) and the cost on harmless answers under each intervention.", True),
+    Table("harm_judgment", HARM_JUDGMENT, "Whether the model judges requests harmful (log-odds of yes vs no) under "
+          "steering along the harmfulness and refusal directions and refusal-direction ablation.", True),
     Table("judge_validation", JUDGE_VALIDATION, "Agreement of each refusal judge with human labels and with each other (per eval set), with intervals.", True, version=2),
     Table("lineage", LINEAGE, "Where each artifact of each study came from: inputs, code, packages, device.", False, version=2),
 ]}

@@ -65,6 +65,35 @@ def capability_by_intervention(rows: list[dict], study: str):
     return figure
 
 
+def harm_judgment(rows: list[dict], study: str):
+    """Grouped bars: share of instructions the model judges harmful per eval set and condition, with 95% intervals; the
+    baseline's interval shaded, so steering that moves the judgment leaves the band."""
+    sets = list(dict.fromkeys(r["eval_set"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    figure, axis = plt.subplots(figsize=(7.2, 3.8))
+    width = 0.85 / len(methods)
+    for i, name in enumerate(sets):
+        found = {r["method"]: r for r in rows if r["eval_set"] == name}
+        base = found.get("baseline")
+        if base:
+            axis.axhspan(base["ci_low"], base["ci_high"], xmin=(i + 0.04) / len(sets), xmax=(i + 0.96) / len(sets),
+                         color="0.9", zorder=0)
+        for k, method in enumerate(methods):
+            if method not in found:
+                continue
+            r, x = found[method], i - 0.425 + (k + 0.5) * width
+            axis.bar(x, r["judged_harmful_rate"], width * 0.92, color=f"C{k % 10}", label=method if i == 0 else None,
+                     yerr=[[r["judged_harmful_rate"] - r["ci_low"]], [r["ci_high"] - r["judged_harmful_rate"]]], capsize=2)
+    axis.set_xlim(-0.5, len(sets) - 0.5)
+    axis.set_xticks(range(len(sets)), sets)
+    axis.set_ylim(0, 1.05)
+    axis.set_ylabel("judged harmful (log-odds yes/no > 0)")
+    axis.legend(title="condition", frameon=False, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    axis.set_title(f"Does steering change the harm judgment? {study}\n(95% Wilson intervals; grey: the baseline's)",
+                   fontsize=10)
+    return figure
+
+
 def feature_count_curve(rows: list[dict], study: str):
     """Refusal (refusal score > 0) against the number of latents clamped, a line per ranking with its 95% interval as a
     band (random: the mean over its draws, its interval covering both the draws' spread and the prompts), and half the baseline as a dashed line."""
@@ -378,6 +407,7 @@ FIGURES: dict[str, tuple[str, Callable]] = {
     "feature_graph": ("feature_graph", feature_graph),
     "probe_comparison": ("probe_comparison", probe_comparison),
     "jailbreak_drop": ("jailbreak_summary", jailbreak_drop),
+    "harm_judgment": ("harm_judgment", harm_judgment),
 }
 """Figure name to (named query it is drawn from, drawing function)."""
 

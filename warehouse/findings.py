@@ -15,7 +15,7 @@ Rows = Callable[[str], list[dict]]
 
 
 def findings(rows: Rows) -> list[str]:
-    """Five to eight sentences on what the study found, each left out when its tables have no rows (substring judge)."""
+    """Five to nine sentences on what the study found, each left out when its tables have no rows (substring judge)."""
     table = [r for r in rows("feature_table") if r["judge"] == "substring"]
     rate = {(r["eval_set"], r["method"]): r["rate_ci"] for r in table}
     said = []
@@ -68,6 +68,12 @@ def findings(rows: Rows) -> list[str]:
     if judges and judges[0]["kappa"]:
         said.append(f"The substring judge agrees with people on the reported part of PyRIT's labels with Cohen's kappa "
                     f"{judges[0]['kappa']} and accuracy {judges[0]['accuracy']} (n = {judges[0]['n']}).")
+    judged = {(r["eval_set"], r["method"]): r["rate_ci"] for r in rows("harm_judgment")}
+    if (HARMLESS_SET, "baseline") in judged and (HARMLESS_SET, "add harmfulness ×1") in judged:
+        said.append(f"Asked whether a request is harmful, the model says yes to {judged[(HARMLESS_SET, 'baseline')]} of "
+                    f"{SET_NAMES[HARMLESS_SET]} instructions; steered along the harmfulness direction to "
+                    f"{judged[(HARMLESS_SET, 'add harmfulness ×1')]}, along the refusal direction to "
+                    f"{judged.get((HARMLESS_SET, 'add refusal ×1'), 'not measured')}.")
     jailbreaks = {r["outcome"]: r for r in rows("jailbreak_summary") if r["family"] == "all" and r["mean_relative_drop"] is not None}
     if {"succeeded", "failed"} <= set(jailbreaks):
         won, lost = jailbreaks["succeeded"], jailbreaks["failed"]

@@ -205,6 +205,20 @@ SELECT model, eval_set, classifier, n_prompts,
 FROM latent_guard
 ORDER BY model, eval_set, classifier;
 
+-- name: harm_judgment
+-- Whether the model judges requests harmful (log-odds of yes vs no to "Is the following request harmful?"), unchanged, steered along the harmfulness or refusal direction, or with the refusal direction ablated: the share judged harmful with Wilson 95% intervals, its paired change from the baseline, and the mean log-odds change with its bootstrap interval.
+SELECT model, eval_set, kind, direction, alpha,
+       CASE WHEN kind = 'none' THEN 'baseline' WHEN kind = 'ablate' THEN 'ablate ' || direction
+            ELSE 'add ' || direction || ' ×' || printf('%g', alpha) END AS method,
+       format('{:.0f}% [{:.0f}, {:.0f}] n={}', 100 * judged_harmful_rate, 100 * ci_low, 100 * ci_high, n_prompts) AS rate_ci,
+       round(judged_harmful_rate, 3) AS judged_harmful_rate, round(ci_low, 3) AS ci_low, round(ci_high, 3) AS ci_high,
+       n_prompts, round(100 * judged_harmful_change, 1) AS change_points,
+       round(100 * judged_harmful_change_low, 1) AS change_low, round(100 * judged_harmful_change_high, 1) AS change_high,
+       round(log_odds_change, 2) AS log_odds_change, round(log_odds_change_low, 2) AS log_odds_change_low,
+       round(log_odds_change_high, 2) AS log_odds_change_high, within_baseline_interval
+FROM harm_judgment
+ORDER BY model, eval_set, CASE kind WHEN 'none' THEN 0 WHEN 'add' THEN 1 ELSE 2 END, direction, alpha;
+
 -- name: feature_edges
 -- Upstream latents by how much clamping them lowers the sum of the later refusal features, with intervals.
 SELECT model, upstream_layer, upstream_latent, downstream_layer, round(clean_activation, 3) AS clean_activation,

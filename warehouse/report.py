@@ -17,7 +17,7 @@ SECTIONS = (
                        "capability_by_intervention",
                        "table:capability_table")),
     ("Analyses", ("jailbreak_drop", "table:jailbreak_summary", "probe_comparison", "table:probe_comparison",
-                  "table:latent_guard")),
+                  "table:latent_guard", "harm_judgment", "table:harm_judgment")),
 )
 """The report's sections in study order: figures by name and named-query tables as `table:NAME`; the findings and
 `paper_table` (a row per method, a column per eval set) open the page."""
@@ -41,6 +41,8 @@ CAPTIONS = {
     "feature_graph": "Upstream latents whose clamping lowers the refusal features: the edges of the feature graph.",
     "probe_comparison": "Probes predicting refusal from each feature set, in distribution and on jailbreaks.",
     "jailbreak_drop": "How much jailbreaks lower the refusal features, succeeded vs failed.",
+    "harm_judgment": "How often the model judges a request harmful when asked, steered along the harmfulness or the refusal "
+                     "direction: harmfulness should move the judgment out of the baseline's band, refusal should not.",
 }
 """One line per figure saying what to look for."""
 

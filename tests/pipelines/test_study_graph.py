@@ -99,7 +99,7 @@ def test_whole_graph_materializes_into_parquet_with_lineage(tiny_registry, wareh
         assert graph or key != "tiny-qwen2"
         assert pngs == sorted(["attribution_by_layer.png", "capability_by_intervention.png", "category_cosines.png",
                                "direction_selection.png", "feature_clamping.png", "feature_count_curve.png",
-                               "jailbreak_drop.png", "probe_comparison.png",
+                               "harm_judgment.png", "jailbreak_drop.png", "probe_comparison.png",
                                "refusal_along_sequence.png", "refusal_by_intervention.png"] + ["feature_graph.png"] * graph)
         figure_event = instance.get_latest_materialization_event(dg.AssetKey("figures")).asset_materialization
         assert figure_event.metadata["refusal_by_intervention"].value.startswith("![refusal_by_intervention](data:image/png;base64,")
@@ -173,8 +173,8 @@ def _check_report(path, key, graph):
             "table-main_table", "table-paper_table", "table-feature_table", "table-feature_cards", "lineage", "probe_comparison",
             "jailbreak_drop", "table-jailbreak_summary", "table-probe_comparison", "table-latent_guard",
             "table-judge_agreement", "table-capability_table", "capability_by_intervention", "feature_count_curve",
-            "table-feature_count_summary"} <= page.ids
-    assert ("feature_graph" in page.ids) == graph and page.images == 10 + graph
+            "table-feature_count_summary", "harm_judgment", "table-harm_judgment"} <= page.ids
+    assert ("feature_graph" in page.ids) == graph and page.images == 11 + graph
     _check_feature_pages(path, page.text)
     _check_story(path, key)
     text = "".join(page.text)
@@ -182,6 +182,7 @@ def _check_report(path, key, graph):
     assert "feature_effects  sha256" in text and "latent_attributions  sha256" in text and "capability  sha256" in text
     assert "feature_count_summary  sha256" in text and "feature_count_curve  sha256" in text
     assert "refusal_probes  sha256" in text and "jailbreak_summary  sha256" in text and "eval_activations  sha256" in text
+    assert "harm_judgment  sha256" in text
 
 
 def _check_direction_tables(warehouse, key):
@@ -401,6 +402,16 @@ def _check_analysis_tables(warehouse, key):
             family = row["eval_set"].split(":")[1]
             assert row["flagged_rate"] == pytest.approx(
                 sum(refused[p["prompt_id"]] for p in jailbreaks if p["source"] == family) / counts[family])
+    judged = read("harm_judgment").to_pylist()
+    assert {(r["eval_set"], r["kind"], r["direction"], r["alpha"]) for r in judged} == {
+        (name, *condition) for name in ("harmbench", "alpaca_eval") for condition in (
+            ("none", "", None), ("add", "harmfulness", -1.0), ("add", "harmfulness", 1.0), ("add", "refusal", -1.0),
+            ("add", "refusal", 1.0), ("ablate", "refusal", None))}
+    for row in judged:
+        assert row["n_prompts"] == 3 and 0 <= row["ci_low"] <= row["judged_harmful_rate"] <= row["ci_high"] <= 1
+        assert row["mean_log_odds_low"] <= row["mean_log_odds"] <= row["mean_log_odds_high"]
+        if row["kind"] == "none":
+            assert row["log_odds_change"] == 0 and row["judged_harmful_change"] == 0 and row["within_baseline_interval"]
     edges = read("feature_edges").to_pylist()
     downstream = sorted(latent for layer, latent in cossim if layer == 1)
     assert downstream or key != "tiny-qwen2", "the tiny qwen2 study has refusal features above its first SAE layer"
